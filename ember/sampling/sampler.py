@@ -1,0 +1,165 @@
+"""From logits to tokens: logits processors, greedy/random sampling with per-request seeds, and logprobs.
+
+Everything is batched over the rows of one step; per-row parameters arrive as tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.sequence import Sequence
+
+_NEG_INF = float("-inf")
+
+# (logprob of the chosen token, its rank in the vocabulary, the top-k alternatives as (token, logprob))
+LogprobRow = tuple[float, int, list[tuple[int, float]]]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # Per row, when that row asked for logprobs.
+    logprobs: list[LogprobRow | None]
+
+
+@dataclass
+class SamplingBatch:
+    """The sampling parameters of the rows of one step, as tensors on the logits' device."""
+
+    seqs: list[Sequence]
+    temperature: torch.Tensor  # [B] (1.0 on greedy rows, so the division is harmless)
+    greedy: torch.Tensor  # [B] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [B] int, vocab size where disabled
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    max_logprobs: int  # largest `logprobs` asked for in the batch, -1 when none
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
+        ps = [s.params for s in seqs]
+        greedy = [p.greedy for p in ps]
+        temp = [1.0 if g else p.temperature for p, g in zip(ps, greedy, strict=True)]
+        any_top_k = any(p.top_k > 0 for p in ps)
+        any_top_p = any(p.top_p < 1.0 for p in ps)
+        any_min_p = any(p.min_p > 0.0 for p in ps)
+        return cls(
+            seqs=seqs,
+            temperature=torch.tensor(temp, dtype=torch.float32, device=device),
+            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in ps], device=device)
+            if any_top_k else None,
+            top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device) if any_top_p else None,
+            min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device) if any_min_p else None,
+            max_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
+        )
+
+
+def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: set[int]) -> None:
+    """In place: logit_bias, min_tokens (no end before it), and repetition/presence/frequency penalties."""
+    vocab = logits.shape[1]
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
+            banned = {t for t in banned if t < vocab}
+            if banned:
+                logits[i, list(banned)] = _NEG_INF
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            _apply_penalties(logits[i], seq, vocab)
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:
+    p = seq.params
+    out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)
+    if p.repetition_penalty != 1.0:
+        # As in HF/vLLM: every token seen in prompt or output, positive logits divided, negative multiplied.
+        seen = torch.zeros(vocab, dtype=torch.bool, device=row.device)
+        seen[torch.tensor(seq.token_ids, dtype=torch.long, device=row.device)] = True
+        penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+        row.copy_(torch.where(seen, penalised, row))
+    if (p.presence_penalty or p.frequency_penalty) and out_ids.numel():
+        # OpenAI's definition: output tokens only; frequency scales with the count, presence is flat.
+        counts = torch.bincount(out_ids, minlength=vocab)[:vocab].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _top_k_top_p_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.top_k is not None or batch.top_p is not None:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if batch.top_k is not None:
+            ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+            mask |= ranks >= batch.top_k.unsqueeze(1)
+        if batch.top_p is not None:
+            probs = sorted_logits.masked_fill(mask, _NEG_INF).softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token if the mass before it already does.
+            before = probs.cumsum(dim=-1) - probs
+            mask |= before >= batch.top_p.unsqueeze(1)
+        mask[:, 0] = False  # the most likely token always survives
+        logits = logits.scatter(1, sorted_idx, sorted_logits.masked_fill(mask, _NEG_INF))
+    if batch.min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * batch.min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, _NEG_INF)
+    return logits
+
+
+def _sample_random(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Exponential race (argmax p / E, E ~ Exp(1)): one sample per row, each row drawing its own noise."""
+    noise = torch.empty_like(probs)
+    unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+    for i, s in enumerate(seqs):
+        if s.generator is not None:
+            # The generator lives on the CPU so a seed gives the same stream on every device.
+            row = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
+            noise[i] = row.to(probs.device)
+    return (probs / noise).argmax(dim=-1)
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int]) -> None:
+        self.eos_token_ids = eos_token_ids
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [B, V] float32, one row per sampled sequence (modified in place)."""
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
+        apply_logits_processors(logits, batch.seqs, self.eos_token_ids)
+        greedy_tokens = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy_tokens
+        else:
+            scaled = _top_k_top_p_min_p(logits / batch.temperature.unsqueeze(1), batch)
+            sampled = _sample_random(scaled.softmax(dim=-1), batch.seqs)
+            tokens = torch.where(batch.greedy, greedy_tokens, sampled)
+        token_list = tokens.tolist()
+        logprobs: list[LogprobRow | None] = [None] * len(token_list)
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, tokens, batch)
+        return SamplerOutput(token_list, logprobs)
+
+
+def logprob_rows(raw: torch.Tensor, ids: torch.Tensor, k: int) -> list[LogprobRow]:
+    """Per row of log-probabilities: the logprob and rank of `ids[row]`, and the top-k (token, logprob)."""
+    chosen = raw.gather(1, ids.unsqueeze(1)).squeeze(1)
+    ranks = (raw > chosen.unsqueeze(1)).sum(dim=1) + 1
+    top_vals, top_ids = raw.topk(k, dim=-1) if k else (raw[:, :0], ids[:, None][:, :0])
+    return [(c, r, list(zip(ti, tv, strict=True))) for c, r, ti, tv in
+            zip(chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_vals.tolist(), strict=True)]
+
+
+def _gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, batch: SamplingBatch) -> list[LogprobRow | None]:
+    rows = logprob_rows(raw, tokens, max(batch.max_logprobs, 0))
+    out: list[LogprobRow | None] = []
+    for (lp, rank, top), seq in zip(rows, batch.seqs, strict=True):
+        n = seq.params.logprobs
+        out.append(None if n is None else (lp, rank, top[:n]))
+    return out
