@@ -19,8 +19,17 @@ class LLM:
         unknown = set(kwargs) - names
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(sorted(unknown))}")
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
-        self.tokenizer = self.engine.tokenizer
+        self._attach(LLMEngine(EngineConfig(model=model, **kwargs)))
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | list[list[int]] | None = None,

@@ -13,15 +13,19 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 logger = logging.getLogger(__name__)
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("EMBER_CACHE_DIR", Path.home() / ".cache" / "ember"))
+
+
+def cache_key(path: Path) -> str:
+    """Identifies a file's version for derived caches (path, size and modification time)."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def _gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
     """Convert the GGUF's tokenizer once (transformers parses the whole file: ~9 s) and reuse the result."""
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = _cache_root() / "tokenizers" / key
+    cached = cache_root() / "tokenizers" / cache_key(gguf_path)
     if (cached / "tokenizer_config.json").exists():
         try:
             return AutoTokenizer.from_pretrained(cached)

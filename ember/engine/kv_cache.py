@@ -19,8 +19,11 @@ def allocate_kv_cache(arch: ModelArchConfig, num_blocks: int, block_size: int, d
                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
     # One allocation per layer for K and V together keeps the number of tensors (and graph inputs) small.
+    # On the CPU, `empty` lets pages be touched lazily as blocks come into use (zeroing a GiB takes seconds
+    # here); every slot is written before it is read.
+    alloc = torch.zeros if device.type == "cuda" else torch.empty
     caches = []
     for _ in range(arch.num_hidden_layers):
-        kv = torch.zeros((2, *shape), dtype=dtype, device=device)
+        kv = alloc((2, *shape), dtype=dtype, device=device)
         caches.append((kv[0], kv[1]))
     return caches

@@ -18,6 +18,7 @@ from ember.engine.model_runner import ModelRunner, StepResult
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Request, Sequence
 from ember.model.config import ModelArchConfig
+from ember.model.llama import LlamaForCausalLM
 from ember.model.loader import build_model, embedded_gguf_path, resolve_model
 from ember.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from ember.sampling.sampler import LogprobRow, Sampler
@@ -53,34 +54,72 @@ class LoadTimings:
     kv_cache_s: float = 0.0
 
 
+@dataclass
+class LoadedModel:
+    """Weights, tokenizer and what describes them: the part of an engine that is expensive to build."""
+
+    name: str
+    arch: ModelArchConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    timings: LoadTimings
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    timings = LoadTimings()
+    t0 = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model(config)
+    arch = ModelArchConfig.from_hf(source.hf_config)
+    max_model_len = _max_model_len(arch, config.max_model_len)
+    t1 = time.perf_counter()
+    timings.resolve_s = t1 - t0
+
+    tok_dir = config.tokenizer or source.tokenizer_dir
+    gguf_tok = source.gguf_file if tok_dir is None else None
+    if gguf_tok is None and tok_dir is None:  # dummy weights without tokenizer files
+        gguf_tok = embedded_gguf_path()
+    tokenizer = Tokenizer.load(tok_dir or "", gguf_tok, set(arch.eos_token_ids),
+                               load_chat_template(config.chat_template))
+    t2 = time.perf_counter()
+    timings.tokenizer_s = t2 - t1
+
+    torch.manual_seed(config.seed)
+    model = build_model(source, arch, dtype, device, max_model_len, config.seed)
+    timings.weights_s = time.perf_counter() - t2
+    return LoadedModel(source.name, arch, model, tokenizer, device, dtype, max_model_len, timings)
+
+
+def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window:
+        # Without sliding-window attention, the window bounds the context the model was trained for.
+        limit = min(limit, arch.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"--max-model-len {requested} exceeds the model's limit of {limit} tokens")
+    return requested
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """`loaded` lets several engines (different cache or scheduler settings) share one set of weights."""
         self.config = config
-        self.timings = LoadTimings()
-        t0 = time.perf_counter()
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        source = resolve_model(config)
-        self.arch = ModelArchConfig.from_hf(source.hf_config)
-        self.model_name = source.name
-        self.max_model_len = self._max_model_len(config.max_model_len)
-        t1 = time.perf_counter()
-        self.timings.resolve_s = t1 - t0
+        self.loaded = loaded or load_model(config)
+        self.arch = self.loaded.arch
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.device, self.dtype = self.loaded.device, self.loaded.dtype
+        self.model_name = self.loaded.name
+        self.max_model_len = self.loaded.max_model_len
+        self.timings = self.loaded.timings
 
-        tok_dir = config.tokenizer or source.tokenizer_dir
-        gguf_tok = source.gguf_file if source.kind == "gguf" and tok_dir is None else None
-        if tok_dir is None and gguf_tok is None:  # dummy weights without tokenizer files
-            gguf_tok = embedded_gguf_path()
-        self.tokenizer = Tokenizer.load(tok_dir or "", gguf_tok, set(self.arch.eos_token_ids),
-                                        load_chat_template(config.chat_template))
-        t2 = time.perf_counter()
-        self.timings.tokenizer_s = t2 - t1
-
-        torch.manual_seed(config.seed)
-        self.model = build_model(source, self.arch, self.dtype, self.device, self.max_model_len, config.seed)
         t3 = time.perf_counter()
-        self.timings.weights_s = t3 - t2
-
         self.block_size = config.block_size
         num_blocks = self._num_kv_blocks()
         self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.dtype, self.device)
@@ -107,17 +146,6 @@ class LLMEngine:
         self.num_generation_tokens_total = 0
 
     # ----------------------------------------------------------------------------------------- setup
-    def _max_model_len(self, requested: int | None) -> int:
-        limit = self.arch.max_position_embeddings
-        if self.arch.sliding_window:
-            # Without sliding-window attention, the window bounds the context the model was trained for.
-            limit = min(limit, self.arch.sliding_window)
-        if requested is None:
-            return limit
-        if requested > limit:
-            raise ValueError(f"--max-model-len {requested} exceeds the model's limit of {limit} tokens")
-        return requested
-
     def _num_kv_blocks(self) -> int:
         cfg = self.config
         if cfg.num_gpu_blocks_override:

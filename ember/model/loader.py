@@ -129,9 +129,45 @@ def resolve_model(cfg: EngineConfig) -> ModelSource:
     return _hf_dir_source(cfg.model, Path(local), cfg)
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the dequantized weights of a GGUF file are kept after its first load."""
+    from ember.tokenizer import cache_key, cache_root
+
+    return cache_root() / "gguf" / cache_key(path)
+
+
 def _gguf_source(name: str, path: Path) -> ModelSource:
+    cached = gguf_cache_dir(path)
+    if (cached / "model.safetensors").exists() and (cached / "config.json").exists():
+        # Parsing and dequantizing a GGUF takes seconds; its fp32 copy loads in a fraction of that.
+        hf_config = json.loads((cached / "config.json").read_text())
+        return ModelSource(name, "hf", hf_config, weights_dir=cached, gguf_file=path)
     reader = open_gguf(path)
     return ModelSource(name, "gguf", gguf_hf_config(reader), gguf_file=path, gguf_reader=reader)
+
+
+def _write_gguf_cache(model: LlamaForCausalLM, source: ModelSource) -> None:
+    from safetensors.torch import save_file
+
+    assert source.gguf_file is not None
+    cached = gguf_cache_dir(source.gguf_file)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        tied = model.config.tie_word_embeddings
+        state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                 if not (tied and n == "lm_head.weight")}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(source.hf_config))
+        if not cached.exists():
+            tmp.replace(cached)
+    except OSError as e:  # a read-only or full disk only costs speed
+        logger.info("GGUF weight cache not written: %s", e)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hf_dir_source(name: str, path: Path, cfg: EngineConfig) -> ModelSource:
@@ -251,7 +287,8 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
         dst.copy_(tensor)
-        loaded.add(f"{target}:{shard}")
+        # A fused tensor saved by ember itself fills every shard at once.
+        loaded.update(f"{target}:{s}" for s in ((shard,) if shard else _expected_shards(target)))
     expected = {f"{n}:{s}" for n in params for s in _expected_shards(n)}
     if arch.tie_word_embeddings:
         expected.discard("lm_head.weight:None")
@@ -283,6 +320,8 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
         _fill_dummy(model, seed)
     elif source.kind == "gguf":
         load_weights(model, iter_gguf_weights(source.gguf_reader, arch), len(source.gguf_reader.tensors))
+        if dtype == torch.float32:  # only an exact copy may stand in for the GGUF later
+            _write_gguf_cache(model, source)
     else:
         assert source.weights_dir is not None
         load_weights(model, iter_safetensors_weights(source.weights_dir), None)

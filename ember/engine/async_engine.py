@@ -1,0 +1,159 @@
+"""The engine as the server sees it: a background step loop and one async output stream per request.
+
+The step loop runs in its own thread: PyTorch releases the GIL inside kernels, so the HTTP event loop stays
+responsive while the model runs. All engine state is touched by that thread only; callers talk to it through a
+command queue, and outputs come back through `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ember.config import EngineConfig
+from ember.engine.errors import EngineDeadError
+from ember.engine.llm_engine import LLMEngine
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, engine: LLMEngine | None = None) -> None:
+        self.config = config
+        self.engine = engine or LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.dead_error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    @property
+    def errored(self) -> bool:
+        return self.dead_error is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def start(self) -> None:
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+
+    # -------------------------------------------------------------------------------------- requests
+    async def generate(self, prompt: str | None, prompt_token_ids: list[int] | None, params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the iterator early aborts the request."""
+        if self.dead_error is not None:
+            raise EngineDeadError("the engine has stopped") from self.dead_error
+        if not self.is_running:
+            await self.start()
+        assert self._loop is not None
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        accepted: asyncio.Future[None] = self._loop.create_future()
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            self._commands.put(("add", (request_id, prompt, prompt_token_ids, params, accepted)))
+            await accepted  # raises RequestValidationError for a request the engine refuses
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    # ----------------------------------------------------------------------------------- step thread
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _handle(self, kind: str, arg: Any) -> None:
+        assert self._loop is not None
+        if kind == "add":
+            request_id, prompt, ids, params, accepted = arg
+            try:
+                self.engine.add_request(request_id, prompt, ids, params)
+            except Exception as e:  # validation errors go back to the caller, the loop goes on
+                self._loop.call_soon_threadsafe(_set_exception, accepted, e)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, accepted)
+        elif kind == "abort":
+            self.engine.abort_request(arg)
+
+    def _run(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        try:
+            while not self._stopping.is_set():
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    kind, arg = self._commands.get(block=block, timeout=0.5 if block else None)
+                    self._handle(kind, arg)
+                    while True:  # drain everything that arrived during the last step
+                        kind, arg = self._commands.get_nowait()
+                        self._handle(kind, arg)
+                except queue.Empty:
+                    pass
+                if not self.engine.has_unfinished_requests():
+                    continue
+                for out in self.engine.step():
+                    loop.call_soon_threadsafe(self._deliver, out.request_id, out)
+        except BaseException as e:
+            logger.exception("engine step loop died")
+            self.dead_error = e
+            dead = EngineDeadError(f"the engine failed: {e!r}")
+            for rid in list(self._streams):
+                loop.call_soon_threadsafe(self._deliver, rid, dead)
+            # Requests still being accepted learn of it too.
+            while True:
+                try:
+                    kind, arg = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    loop.call_soon_threadsafe(_set_exception, arg[-1], dead)
+
+
+def _set_result(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
