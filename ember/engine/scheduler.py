@@ -19,11 +19,10 @@ from ember.engine.sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    samples: bool = False  # whether this step reaches the end of the sequence's tokens, so a token is sampled
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence's tokens, so a new token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -66,6 +65,9 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.pop(0)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n == 0:  # nothing to compute (cannot happen while every step samples; kept safe)
+                kept.append(seq)
+                continue
             while not self.bm.allocate(seq, n):
                 victim = queue.pop() if queue else seq
                 self._preempt(victim)

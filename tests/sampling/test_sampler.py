@@ -1,0 +1,107 @@
+"""Sampler arithmetic on synthetic logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ember.engine.sequence import Request, Sequence
+from ember.sampling.sampler import Sampler, SamplingBatch, _top_k_top_p_min_p, apply_logits_processors
+from ember.sampling_params import SamplingParams
+
+V = 8
+EOS = 7
+
+
+def make_seq(params: SamplingParams, prompt=(1, 2), output=()) -> Sequence:
+    req = Request("r", None, list(prompt), params)
+    seq = Sequence(0, req, 0)
+    seq.token_ids.extend(output)
+    return seq
+
+
+def test_presence_frequency_penalties_follow_openai_definition():
+    seq = make_seq(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt=(3,), output=(1, 1, 2))
+    logits = torch.zeros(1, V)
+    apply_logits_processors(logits, [seq], {EOS})
+    expected = torch.zeros(V)
+    expected[1] = -(0.25 * 2 + 0.5)
+    expected[2] = -(0.25 * 1 + 0.5)
+    assert torch.equal(logits[0], expected)  # the prompt token 3 is not penalised
+
+
+def test_repetition_penalty_divides_positive_multiplies_negative():
+    seq = make_seq(SamplingParams(repetition_penalty=2.0), prompt=(0,), output=(1,))
+    logits = torch.tensor([[4.0, -4.0, 4.0, 0, 0, 0, 0, 0]])
+    apply_logits_processors(logits, [seq], {EOS})
+    assert logits[0, :3].tolist() == [2.0, -8.0, 4.0]
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_reached():
+    seq = make_seq(SamplingParams(min_tokens=2, stop_token_ids=[5]), output=(1,))
+    logits = torch.zeros(1, V)
+    apply_logits_processors(logits, [seq], {EOS})
+    assert logits[0, EOS] == float("-inf") and logits[0, 5] == float("-inf")
+    seq.token_ids.append(3)
+    logits = torch.zeros(1, V)
+    apply_logits_processors(logits, [seq], {EOS})
+    assert torch.isfinite(logits).all()
+
+
+def test_logit_bias_adds():
+    seq = make_seq(SamplingParams(logit_bias={3: 2.5, 4: -1.0}))
+    logits = torch.zeros(1, V)
+    apply_logits_processors(logits, [seq], {EOS})
+    assert logits[0, 3] == 2.5 and logits[0, 4] == -1.0
+
+
+def test_top_k_top_p_min_p_masks():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0]]) + 1e-12)
+    def kept(**kw):
+        batch = SamplingBatch.build([make_seq(SamplingParams(temperature=1.0, **kw))], V, torch.device("cpu"))
+        return torch.isfinite(_top_k_top_p_min_p(logits.clone(), batch))[0].nonzero().flatten().tolist()
+    assert kept(top_k=2) == [0, 1]
+    assert kept(top_p=0.6) == [0, 1]  # 0.5 < 0.6, so the second token is needed
+    assert kept(top_p=0.5) == [0]
+    assert kept(min_p=0.35) == [0, 1]  # threshold 0.175
+    assert kept(top_p=0.01) == [0]  # the top token always survives
+
+
+def test_seeded_rows_reproducible_and_greedy_rows_exact():
+    sampler = Sampler({EOS})
+    torch.manual_seed(0)
+    logits = torch.randn(3, V)
+    def run(order):
+        seqs = [make_seq(SamplingParams(temperature=1.0, seed=11)), make_seq(SamplingParams(temperature=0)),
+                make_seq(SamplingParams(temperature=1.0))]
+        seqs = [seqs[i] for i in order]
+        rows = logits[order].clone()
+        out = sampler(rows, SamplingBatch.build(seqs, V, torch.device("cpu")))
+        return dict(zip(order, out.token_ids, strict=True))
+    a, b = run([0, 1, 2]), run([2, 1, 0])
+    assert a[0] == b[0]  # seeded: same token whatever the batch order
+    assert a[1] == b[1] == int(logits[1].argmax())
+
+
+def test_sampling_distribution_matches_probabilities():
+    sampler = Sampler({EOS})
+    probs = torch.tensor([0.6, 0.3, 0.1, 0, 0, 0, 0, 0])
+    logits = torch.log(probs + 1e-20).repeat(4000, 1)
+    seqs = [make_seq(SamplingParams(temperature=1.0)) for _ in range(4000)]
+    out = sampler(logits, SamplingBatch.build(seqs, V, torch.device("cpu")))
+    freq = torch.bincount(torch.tensor(out.token_ids), minlength=V).float() / 4000
+    assert torch.allclose(freq[:3], probs[:3], atol=0.03)
+    assert freq[3:].sum() == 0
+
+
+def test_logprobs_are_raw_model_logprobs():
+    sampler = Sampler({EOS})
+    logits = torch.randn(1, V)
+    seq = make_seq(SamplingParams(temperature=0, logprobs=2, logit_bias={0: 50.0}))
+    raw = logits.log_softmax(-1)
+    out = sampler(logits.clone(), SamplingBatch.build([seq], V, torch.device("cpu")))
+    assert out.token_ids == [0]  # the bias decides the token ...
+    lp, rank, top = out.logprobs[0]
+    assert lp == pytest.approx(raw[0, 0].item())  # ... but logprobs describe the model itself
+    assert rank == int((raw[0] > raw[0, 0]).sum()) + 1
+    assert [t for t, _ in top] == raw[0].topk(2).indices.tolist()
