@@ -299,6 +299,8 @@ class LLMEngine:
         if lp is not None and seq.logprobs is not None:
             seq.logprobs.append(self._position_logprobs(token, lp))
         p = seq.params
+        if seq.grammar is not None:
+            seq.grammar.accept_token(token)
         # A stop token ends the text before it: flush what precedes it, never its own text.
         if token in p.stop_token_ids:
             self.detokenizer.flush(seq, end=seq.num_tokens - 1)
@@ -315,6 +317,11 @@ class LLMEngine:
             seq.detok.output_text = seq.detok.output_text[:idx + (len(stop) if p.include_stop_str_in_output
                                                                    else 0)]
             self.scheduler.finish(seq, "stop", stop)
+            return
+        if seq.grammar is not None and seq.grammar.is_terminated():
+            # The structure is complete: end here, as if the grammar's end-of-sequence had been sampled.
+            self.detokenizer.flush(seq)
+            self.scheduler.finish(seq, "stop")
             return
         if seq.num_output_tokens >= (p.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
             self.detokenizer.flush(seq)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ember.outputs import PositionLogprobs
+from ember.sampling.grammar import new_matcher
 from ember.sampling_params import SamplingParams
 
 
@@ -55,6 +56,8 @@ class Sequence:
         if seed is not None:
             self.generator = torch.Generator(device="cpu").manual_seed(seed + index)
         self.num_preemptions = 0
+        # Structured output: the grammar state of this sequence's output so far (None when unconstrained).
+        self.grammar = new_matcher(self.params.structured_output)
 
     @property
     def num_tokens(self) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.sequence import Sequence
+from ember.sampling.grammar import apply_grammar_masks
 
 _NEG_INF = float("-inf")
 
@@ -133,6 +134,7 @@ class Sampler:
         """logits: [B, V] float32, one row per sampled sequence (modified in place)."""
         raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
         apply_logits_processors(logits, batch.seqs, self.eos_token_ids)
+        apply_grammar_masks(logits, [s.grammar for s in batch.seqs])
         greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
             tokens = greedy_tokens
