@@ -71,6 +71,9 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vc = v_cache.reshape(-1, *v_cache.shape[2:])
     k = kc.index_select(0, slots.flatten()).view(len(decodes), max_len, *kc.shape[1:]).transpose(1, 2)
     v = vc.index_select(0, slots.flatten()).view(len(decodes), max_len, *vc.shape[1:]).transpose(1, 2)
+    # Padding rows were read from slot 0, which may hold anything (even NaN, and 0 * NaN poisons the sum).
+    pad = ~valid[:, None, :, None]
+    k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     qb = q.index_select(0, rows).unsqueeze(2)  # [B, H, 1, D]
     o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)

@@ -52,6 +52,7 @@ class LoadTimings:
     tokenizer_s: float = 0.0
     weights_s: float = 0.0
     kv_cache_s: float = 0.0
+    cuda_graphs_s: float = 0.0
 
 
 @dataclass
@@ -137,6 +138,13 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device,
                                   get_attention_backend(config.attention_backend, self.device),
                                   Sampler(self.eos_token_ids))
+        self.cuda_graphs_enabled = (self.device.type == "cuda" and not config.enforce_eager
+                                    and self.runner.attn.name == "triton")
+        if self.cuda_graphs_enabled:
+            t4 = time.perf_counter()
+            self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
+                                           self.block_manager.blocks_needed(self.max_model_len))
+            self.timings.cuda_graphs_s = time.perf_counter() - t4
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
+from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.scheduler import SchedulerOutput
 from ember.engine.sequence import Sequence
 from ember.model.llama import LlamaForCausalLM
@@ -42,6 +43,7 @@ class ModelRunner:
         self.attn = attn
         self.sampler = sampler
         self.vocab_size = model.config.vocab_size
+        self.graphs: DecodeGraphs | None = None
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
@@ -92,8 +94,35 @@ class ModelRunner:
         return StepInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
                           self._tensor(logits_idx, torch.int64), sample_seqs, prompt_lp)
 
+    def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> float:
+        """Capture decode graphs; returns the capture time in seconds."""
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, max_batch, max_blocks_per_seq,
+                                   self.device)
+        self.graphs.capture()
+        return self.graphs.capture_s
+
+    def _graph_decode(self, sched: SchedulerOutput) -> StepResult | None:
+        """A step of pure decodes (no prompt logprobs) that fits a captured graph runs by replay."""
+        g = self.graphs
+        items = sched.scheduled
+        if g is None or len(items) > g.max_batch or not all(i.num_new_tokens == 1 and i.samples for i in items):
+            return None
+        if any(i.seq.request.wants_prompt_logprobs(i.seq) for i in items):
+            return None
+        bs = self.block_size
+        seqs = [i.seq for i in items]
+        pos = [s.num_computed_tokens for s in seqs]
+        logits = g.run([s.token_ids[p] for s, p in zip(seqs, pos, strict=True)], pos,
+                       [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos, strict=True)],
+                       [p + 1 for p in pos], [s.block_table for s in seqs])
+        batch = SamplingBatch.build(seqs, self.vocab_size, logits.device)
+        return StepResult(self.sampler(logits.clone(), batch), seqs, [])
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        graphed = self._graph_decode(sched)
+        if graphed is not None:
+            return graphed
         inp = self.prepare(sched)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
         prompt_rows: list[tuple[Sequence, int, list[LogprobRow]]] = []

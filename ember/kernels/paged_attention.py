@@ -1,0 +1,399 @@
+"""Paged attention for mixed prefill/decode batches, in Triton. Torch twin: `paged_attention_ref`.
+
+Two launch shapes share one inner loop (`_attend_kv_range`, an online softmax over KV tiles read through the
+block table):
+
+- unified: one program per (sequence, query tile, KV head). The query heads of one KV group are packed into
+  the rows of the tile (row m is query `m // GROUP`, head `m % GROUP` of the group), so a decode (q_len 1)
+  still fills 16 rows and runs on tensor cores, and each K/V tile is loaded once for the whole group. Prefill
+  chunks with a cached prefix use the same path: the causal mask is offset by the prefix length.
+- split-KV (flash-decoding), for decode-only batches too small to fill the SMs with one program per
+  (sequence, KV head): the context is cut into `num_splits` segments that run in parallel and write partial
+  results (output and log-sum-exp), and a reduce kernel merges them.
+
+Neither path syncs with the host: grids come from tensor shapes and the static `max_query_len`, lengths are
+read on the device, so decode batches can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence whose query tiles contain program `pid`.
+
+    Sequence i owns the programs from `query_start_loc[i] // BLOCK_Q + i` on; that start is strictly
+    increasing in i and leaves room for the sequence's `ceil(q_len / BLOCK_Q)` tiles, so a binary search finds
+    the owner and the grid never needs the per-sequence tile counts on the host.
+    """
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        tile_start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if tile_start <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_kv_range(
+    q, acc, m_i, l_i,
+    k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start, kv_end, q_pos,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    scale_log2e,
+    MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) with keys [kv_start, kv_end) of one sequence and KV head.
+
+    With MASK off the caller guarantees that every key of every tile is in range and visible to every row, so
+    the loads and the scores go unpredicated; with MASK on, key `n` is visible to row `r` iff
+    `n < kv_end and n <= q_pos[r]` (q_pos: each row's absolute query position).
+    """
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(kv_start, kv_end, TILE_N):
+        kpos = start + offs_n
+        # Keys come one cache row at a time through the block table, so a tile may span several blocks and
+        # TILE_N need not equal the block size.
+        if MASK:
+            kmask = kpos < kv_end
+            block = tl.load(block_table_ptr + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+        else:
+            block = tl.load(block_table_ptr + kpos // BLOCK_SIZE).to(tl.int64)
+        in_block = kpos % BLOCK_SIZE
+        k_off = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
+        v_off = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
+        if MASK:
+            k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+        if MASK:
+            visible = kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 off NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _unified_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2e, num_seqs,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + seq)
+    if tile * BLOCK_Q >= q_len:  # the grid is an upper bound on the number of tiles
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_idx = tile * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    # BLOCK_M need not be a multiple of GROUP (GQA ratio 3): the last rows then hold no query.
+    row_mask = (offs_m // GROUP < BLOCK_Q) & (q_idx < q_len)
+    token = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None], other=0.0)
+    q_pos = context_len + q_idx
+
+    # Keys past the tile's last query are invisible to all its rows; keys before its first query are visible
+    # to all of them, so only the tiles from there on pay for the mask.
+    first_q = context_len + tile * BLOCK_Q
+    kv_end = tl.minimum(seq_len, context_len + tl.minimum(q_len, (tile + 1) * BLOCK_Q))
+    kv_full = tl.minimum(first_q // TILE_N * TILE_N, kv_end // TILE_N * TILE_N)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_kv_range(
+        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, 0, kv_full, q_pos,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+        False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_kv_range(
+        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_full, kv_end, q_pos,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+        True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+
+    # l_i is 0 only for an empty context (a padding sequence): write zeros rather than NaN.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _segment_len(seq_len, num_splits, TILE_N: tl.constexpr):
+    """Keys per split, a multiple of TILE_N so that only a segment's last tile needs a mask."""
+    return tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
+
+
+@triton.jit
+def _split_kv_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2e, num_splits,
+    stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    stride_ps, stride_ph, stride_ls, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    seg_len = _segment_len(seq_len, num_splits, TILE_N)
+    kv_start = split * seg_len
+    # Short contexts leave trailing splits empty; the reduce kernel skips them by the same arithmetic.
+    if (q_len == 0) | (kv_start >= seq_len):
+        return
+    kv_end = tl.minimum(kv_start + seg_len, seq_len)
+    kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kv_head * GROUP + offs_m
+    row_mask = offs_m < GROUP
+    token = q_start.to(tl.int64)
+    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None], other=0.0)
+    q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + (seq_len - 1)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_kv_range(
+        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start, kv_full, q_pos,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+        False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_kv_range(
+        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_full, kv_end, q_pos,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+        True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+
+    # The segment is non-empty and every row sees all of it, so l_i > 0.
+    seq64 = seq.to(tl.int64)
+    part_off = seq64 * stride_ps + head * stride_ph + split * HEAD_DIM
+    tl.store(part_out_ptr + part_off[:, None] + offs_d[None, :], acc / l_i[:, None], mask=row_mask[:, None])
+    tl.store(part_lse_ptr + seq64 * stride_ls + head * stride_lh + split, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _split_kv_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_splits,
+    stride_ps, stride_ph, stride_ls, stride_lh, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_len == 0:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    seg_len = _segment_len(seq_len, num_splits, TILE_N)
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_mask = (offs_s < num_splits) & (offs_s * seg_len < seq_len)
+    seq64 = seq.to(tl.int64)
+    lse = tl.load(part_lse_ptr + seq64 * stride_ls + head * stride_lh + offs_s, mask=split_mask,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp2(lse - lse_max)
+    part = tl.load(part_out_ptr + seq64 * stride_ps + head * stride_ph + offs_s[:, None] * HEAD_DIM
+                   + offs_d[None, :], mask=split_mask[:, None], other=0.0)
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # the Triton interpreter on CPU: pretend to be an H100
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits for a decode batch: 1 (unified kernel) once one program per (sequence, KV head) fills the SMs.
+
+    Depends on the batch shape only, never on the context lengths, so a captured decode graph stays valid as
+    the sequences grow.
+    """
+    programs = num_seqs * num_kv_heads
+    sms = _sm_count(device)
+    if programs >= sms:
+        return 1
+    # About one wave of programs. Measured on an H200 (Llama-3.1-8B shapes, 4k context, CUDA-graph replays):
+    # batch 1 is fastest at 16-32 splits (18.6 us vs 81.5 unified), batch 8 at 4 (51 us vs 90 unified, 55 at 8),
+    # and batch 64 (512 programs) is faster unified (260 us vs 276 at 4 splits).
+    return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(sms, programs)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Triton's default fp32 dot is tf32 (~3e-4 relative error); fp32 is the accuracy path, so keep it exact.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _tile_n(q: torch.Tensor, k_cache: torch.Tensor, cap: int) -> int:
+    # K and V tiles of up to 32 KiB each: decode streams K/V, and the software pipeliner keeps one tile of each
+    # in flight, so the tile size sets the bytes in flight (H200, bf16, head_dim 128: 128 keys beat 64 by 6-22%
+    # in most decode cases measured, the unified kernel at batch 64 and 256 included).
+    elt = max(q.element_size(), k_cache.element_size())
+    return max(16, min(cap, 32768 // (q.shape[-1] * elt)))
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    head_dim = q.shape[-1]
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of 2, at least 16"
+    block_size = k_cache.shape[1]
+    assert block_size & (block_size - 1) == 0, "block_size must be a power of 2"
+    assert q.shape[1] % k_cache.shape[2] == 0, "num_heads must be a multiple of num_kv_heads"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+
+
+def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                      max_query_len: int, scale: float, *, block_m: int | None = None,
+                      tile_n: int | None = None, num_warps: int = 4,
+                      num_stages: int | None = None) -> torch.Tensor:
+    """Causal paged attention of a mixed batch into `out`: a program per (sequence, query tile, KV head).
+
+    `block_m` (rows per tile), `tile_n` (keys per step), `num_warps` and `num_stages` override the defaults,
+    for benchmarks.
+    """
+    _check(q, k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    # Rows of one tile: at least 16 (the smallest tensor-core M), 64 when chunks have the queries to fill it.
+    # Exact fp32 dots run on FMA units, whose operands then live in registers: 64 rows would spill.
+    if block_m is None:
+        block_m = max(16, triton.next_power_of_2(group))
+        if max_query_len > 1 and q.dtype != torch.float32:
+            block_m = max(block_m, min(64, triton.next_power_of_2(max_query_len * group)))
+    assert block_m >= group and block_m & (block_m - 1) == 0
+    block_q = block_m // group
+    # Decode tiles are mostly bandwidth; prefill tiles also hold a [block_m, tile_n] score tile in registers.
+    tile_n = tile_n or _tile_n(q, k_cache, 128 if max_query_len == 1 else 64)
+    if num_stages is None:
+        # The pipeliner keeps one decode tile in flight either way; a third stage helped prefill on an H200
+        # (512-token chunk after a 3.5k prefix: 111 us vs 122, one measurement each).
+        num_stages = 2 if max_query_len == 1 else 3
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _unified_attention_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, num_seqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                              query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
+                              tile_n: int | None = None, num_warps: int = 4,
+                              num_stages: int = 2) -> torch.Tensor:
+    """Flash-decoding over `num_splits` context segments for a batch where every q_len is 0 or 1.
+
+    `tile_n` (keys per step), `num_warps` and `num_stages` override the defaults, for benchmarks.
+    """
+    _check(q, k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    assert 1 <= num_splits <= MAX_SPLITS
+    tile_n = tile_n or _tile_n(q, k_cache, 128)
+    # Partials in fp32: [seq, head, split, dim] and the log2-sum-exp of each split's scores.
+    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _split_kv_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, part_out, part_lse, block_tables, seq_lens, query_start_loc,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=max(16, triton.next_power_of_2(group)), TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _split_kv_reduce_kernel[(num_seqs, num_heads)](
+        part_out, part_lse, out, seq_lens, query_start_loc, num_splits,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits), TILE_N=tile_n,
+        num_warps=4 if head_dim >= 128 else 2,
+    )
+    return out
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
+                    out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its paged context: `[num_tokens, heads, dim]`.
+
+    Decode-only batches (`max_query_len <= 1`) take the split-KV path when `num_splits` (default: from the
+    batch shape and SM count) is above 1; everything else takes the unified kernel.
+    """
+    if out is None:
+        out = torch.empty_like(q)
+    if max_query_len <= 1:
+        if num_splits is None:
+            num_splits = default_num_splits(query_start_loc.shape[0] - 1, k_cache.shape[2], q.device)
+        if num_splits > 1:
+            return split_kv_decode_attention(q, k_cache, v_cache, out, block_tables, seq_lens,
+                                             query_start_loc, scale, num_splits)
+    return unified_attention(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, max_query_len,
+                             scale)

@@ -1,0 +1,361 @@
+"""Triton KV-store and paged-attention kernels against the torch reference (`ember.attention.torch_ref`).
+
+Runs on CUDA. With `TRITON_INTERPRET=1` it also runs on the CPU through Triton's interpreter (slow; bf16 cases
+are skipped there because the interpreter's bf16 `tl.dot` is wrong).
+
+Every case poisons what the kernels must not read or must write: unused cache slots and the padding block 0 of
+the block tables hold NaN (an over-read turns the output NaN), and outputs start as NaN (an unwritten element
+stays NaN). The reference runs in float64 on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
+                       reason="needs CUDA (or TRITON_INTERPRET=1)"),
+]
+pytest.importorskip("triton")
+
+from ember.attention.backend import AttentionMetadata  # noqa: E402
+from ember.attention.torch_ref import TorchAttention, paged_attention_ref  # noqa: E402
+from ember.attention.torch_ref import store_kv as store_kv_ref  # noqa: E402
+from ember.attention.triton_backend import TritonAttention  # noqa: E402
+from ember.kernels.paged_attention import (  # noqa: E402
+    default_num_splits,
+    paged_attention,
+    split_kv_decode_attention,
+    unified_attention,
+)
+from ember.kernels.store_kv import store_kv  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _patch_interpreter_index() -> None:
+    """Let the interpreter use scalar tensors as `range` bounds under numpy >= 2.4.
+
+    The interpreter holds a scalar as a 1-element array and converts it with `int(array)`, which numpy 2.4
+    made an error for arrays that are not 0-d.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and not torch.cuda.is_available():
+    _patch_interpreter_index()
+# Relative error bounds (‖out − ref‖ / ‖ref‖) for the whole output and for each (token, head) row.
+TOL = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (2e-3, 6e-3), torch.float32: (1e-5, 1e-4)}
+
+
+@dataclass(frozen=True)
+class Config:
+    dtype: torch.dtype
+    head_dim: int
+    group: int  # query heads per KV head
+    block_size: int
+    num_kv_heads: int = 2
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{dtype}-d{self.head_dim}-g{self.group}-bs{self.block_size}-kv{self.num_kv_heads}"
+
+
+CONFIGS = [
+    Config(torch.bfloat16, 128, 4, 16, num_kv_heads=8),  # Llama-3.1-8B
+    Config(torch.bfloat16, 64, 3, 16, num_kv_heads=3),  # SmolLM2-135M
+    Config(torch.bfloat16, 128, 1, 32),
+    Config(torch.float16, 64, 4, 16),
+    Config(torch.float32, 64, 4, 16),
+    Config(torch.float32, 128, 3, 64),
+]
+
+
+def _skip_interpreter_bf16(*dtypes: torch.dtype) -> None:
+    if INTERPRET and torch.bfloat16 in dtypes:
+        pytest.skip("the Triton interpreter gets bf16 dots and conversions wrong")
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor
+    k: torch.Tensor  # the new tokens' keys and values (not yet in the cache)
+    v: torch.Tensor
+    k_cache: torch.Tensor  # holds every sequence's prefix; NaN elsewhere
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_batch(cfg: Config, q_lens: list[int], seq_lens: list[int], seed: int,
+               cache_dtype: torch.dtype | None = None, spare_blocks: int = 3) -> Batch:
+    """Random sequences over shuffled cache blocks; each prefix (seq_len - q_len tokens) already stored."""
+    gen = torch.Generator().manual_seed(seed)
+    cache_dtype = cache_dtype or cfg.dtype
+    bs, kvh, d = cfg.block_size, cfg.num_kv_heads, cfg.head_dim
+    n_blocks = [math.ceil(s / bs) for s in seq_lens]
+    # Block 0 is never assigned: it is the padding entry of the block tables, and all NaN.
+    num_blocks = 1 + sum(n_blocks) + spare_blocks
+    free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    width = max(n_blocks, default=0) + 2
+    block_tables = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    for i, n in enumerate(n_blocks):
+        block_tables[i, :n] = torch.tensor(free[:n], dtype=torch.int32)
+        free = free[n:]
+    k_cache = torch.full((num_blocks, bs, kvh, d), float("nan"), dtype=cache_dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    ks, vs, slots = [], [], []
+    for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        pos = torch.arange(seq_len)
+        slot = block_tables[i, pos // bs].long() * bs + pos % bs
+        k_all = torch.randn(seq_len, kvh, d, generator=gen)
+        v_all = torch.randn(seq_len, kvh, d, generator=gen)
+        ctx = seq_len - q_len
+        store_kv_ref(k_all[:ctx], v_all[:ctx], k_cache, v_cache, slot[:ctx])
+        ks.append(k_all[ctx:])
+        vs.append(v_all[ctx:])
+        slots.append(slot[ctx:])
+    num_tokens = sum(q_lens)
+    # Scaled so that softmax rows range from flat to peaked.
+    q = 2.0 * torch.randn(num_tokens, kvh * cfg.group, d, generator=gen)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.cumsum(torch.tensor(q_lens, dtype=torch.int32), 0)
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(slots).to(DEVICE),
+        query_start_loc=qsl.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        max_query_len=max(q_lens, default=0),
+        max_seq_len=max(seq_lens, default=0),
+        query_lens_cpu=list(q_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
+    k, v = torch.cat(ks).to(DEVICE, cfg.dtype), torch.cat(vs).to(DEVICE, cfg.dtype)
+    return Batch(q.to(DEVICE, cfg.dtype), k, v, k_cache.to(DEVICE), v_cache.to(DEVICE), meta)
+
+
+def reference(b: Batch, scale: float) -> torch.Tensor:
+    """float64 attention on the CPU over caches that already hold the new tokens."""
+    meta = b.meta
+    cpu_meta = AttentionMetadata(meta.slot_mapping.cpu(), meta.query_start_loc.cpu(), meta.seq_lens.cpu(),
+                                 meta.block_tables.cpu(), meta.max_query_len, meta.max_seq_len,
+                                 meta.query_lens_cpu, meta.seq_lens_cpu)
+    # The kernels round K/V to q's dtype before the dot, as the reference does: do the same before upcasting.
+    kc = b.k_cache.cpu().to(b.q.dtype).double()
+    vc = b.v_cache.cpu().to(b.q.dtype).double()
+    return paged_attention_ref(b.q.cpu().double(), kc, vc, cpu_meta, scale)
+
+
+def with_new_kv(b: Batch) -> Batch:
+    """The batch with its new tokens stored by the reference store (for tests of attention alone)."""
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    store_kv_ref(b.k, b.v, kc, vc, b.meta.slot_mapping)
+    return Batch(b.q, b.k, b.v, kc, vc, b.meta)
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype
+    assert bool(torch.isfinite(out).all()), "NaN/inf in the output: an unwritten element or a poisoned read"
+    tol, row_tol = TOL[dtype]
+    diff = out.cpu().double() - ref
+    rel = (diff.norm() / ref.norm()).item()
+    assert rel < tol, f"relative error {rel:.2e} >= {tol:.0e}"
+    d = out.shape[-1]
+    row_rel = diff.reshape(-1, d).norm(dim=1) / ref.reshape(-1, d).norm(dim=1)
+    worst = int(row_rel.argmax())
+    assert row_rel[worst] < row_tol, (
+        f"row {worst} (token {worst // out.shape[1]}, head {worst % out.shape[1]}): "
+        f"relative error {row_rel[worst]:.2e} >= {row_tol:.0e}")
+
+
+def poisoned_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+# (q_lens, seq_lens) of each batch composition.
+CASES: dict[str, tuple[list[int], list[int]]] = {
+    # One decode per sequence, lengths around block and tile edges (16, 32, 64) and odd ones.
+    "decode": ([1] * 10, [1, 15, 16, 17, 31, 33, 64, 65, 257, 1000]),
+    "prefill": ([1, 7, 16, 33, 130], [1, 7, 16, 33, 130]),
+    "prefix_chunk": ([5, 16, 33, 64, 1, 100], [21, 48, 40, 300, 17, 100 + 129]),
+    # Decodes and chunks in any order, plus a sequence with nothing scheduled.
+    "mixed": ([1, 37, 1, 0, 16, 1, 70, 2], [90, 37, 16, 12, 160, 1, 333, 2]),
+}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_attention_matches_reference(cfg: Config, case: str) -> None:
+    _skip_interpreter_bf16(cfg.dtype)
+    q_lens, seq_lens = CASES[case]
+    b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=10 * CONFIGS.index(cfg) + list(CASES).index(case)))
+    scale = cfg.head_dim ** -0.5
+    out = poisoned_like(b.q)
+    paged_attention(b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, b.meta.query_start_loc,
+                    b.meta.max_query_len, scale, out=out)
+    assert_matches(out, reference(b, scale), cfg.dtype)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 32])
+def test_decode_paths(cfg: Config, num_splits: int) -> None:
+    """Pure decode batches through the unified kernel (1 split) and the split-KV kernel with its reduce."""
+    _skip_interpreter_bf16(cfg.dtype)
+    q_lens, seq_lens = CASES["decode"]
+    b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=num_splits))
+    scale = cfg.head_dim ** -0.5
+    out = poisoned_like(b.q)
+    args = (b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens, b.meta.query_start_loc)
+    if num_splits == 1:
+        unified_attention(*args, 1, scale)
+    else:
+        split_kv_decode_attention(*args, scale, num_splits)
+    assert_matches(out, reference(b, scale), cfg.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_seqs", [1, 3, 24])
+def test_long_context_decode(dtype: torch.dtype, num_seqs: int) -> None:
+    """Llama-3.1-8B shapes at a few thousand tokens, with the default split choice."""
+    _skip_interpreter_bf16(dtype)
+    if INTERPRET and num_seqs > 3:
+        pytest.skip("too slow in the interpreter")
+    cfg = Config(dtype, 128, 4, 16, num_kv_heads=8)
+    rng = random.Random(num_seqs)
+    seq_lens = [rng.randint(1500, 4200) for _ in range(num_seqs)]
+    b = with_new_kv(make_batch(cfg, [1] * num_seqs, seq_lens, seed=num_seqs))
+    scale = cfg.head_dim ** -0.5
+    out = poisoned_like(b.q)
+    paged_attention(b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, b.meta.query_start_loc,
+                    1, scale, out=out)
+    assert_matches(out, reference(b, scale), dtype)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_mixed_batches(seed: int) -> None:
+    """Many sequences of random chunk/decode shapes, in random order."""
+    rng = random.Random(seed)
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    cfg = Config(dtype, head_dim=rng.choice([64, 128]), group=rng.choice([1, 3, 4]),
+                 block_size=rng.choice([16, 32]), num_kv_heads=rng.choice([1, 2, 4]))
+    q_lens, seq_lens = [], []
+    for _ in range(rng.randint(1, 12 if INTERPRET else 40)):
+        seq_len = rng.randint(1, 600)
+        q_len = 1 if rng.random() < 0.5 else rng.randint(1, min(seq_len, 200))
+        q_lens.append(q_len)
+        seq_lens.append(seq_len)
+    b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=seed))
+    scale = cfg.head_dim ** -0.5
+    out = poisoned_like(b.q)
+    paged_attention(b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, b.meta.query_start_loc,
+                    b.meta.max_query_len, scale, out=out)
+    assert_matches(out, reference(b, scale), dtype)
+
+
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [
+    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float16)])
+@pytest.mark.parametrize("num_kv_heads", [1, 3, 8])
+def test_store_kv_matches_reference(dtype: torch.dtype, cache_dtype: torch.dtype, num_kv_heads: int) -> None:
+    _skip_interpreter_bf16(dtype, cache_dtype)
+    gen = torch.Generator().manual_seed(num_kv_heads)
+    num_blocks, bs, d, n = 9, 16, 64, 50
+    # k and v as strided views of one fused projection, as the model hands them over.
+    kv = torch.randn(n, 3 * num_kv_heads * d, generator=gen).to(DEVICE, dtype)
+    k = kv[:, : num_kv_heads * d].view(n, num_kv_heads, d)
+    v = kv[:, 2 * num_kv_heads * d:].view(n, num_kv_heads, d)
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:n]
+    slots[::7] = -1  # padding tokens
+    slots = slots.to(DEVICE)
+    init = torch.randn(num_blocks, bs, num_kv_heads, d, generator=gen).to(DEVICE, cache_dtype)
+    kc, vc = init.clone(), init.clone()
+    kc_ref, vc_ref = init.clone(), init.clone()
+    store_kv(k, v, kc, vc, slots)
+    store_kv_ref(k, v, kc_ref, vc_ref, slots)
+    torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
+    assert not torch.equal(kc, init)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[4]], ids=str)
+def test_backend_forward_matches_torch_backend(cfg: Config) -> None:
+    """The whole backend: store the new tokens, then attend (mixed batch), against TorchAttention."""
+    _skip_interpreter_bf16(cfg.dtype)
+    q_lens, seq_lens = CASES["mixed"]
+    b = make_batch(cfg, q_lens, seq_lens, seed=7)
+    scale = cfg.head_dim ** -0.5
+    kc, vc = b.k_cache.clone(), b.v_cache.clone()
+    out = TritonAttention().forward(b.q, b.k, b.v, kc, vc, b.meta, scale)
+    kc_ref, vc_ref = b.k_cache.clone(), b.v_cache.clone()
+    TorchAttention().forward(b.q, b.k, b.v, kc_ref, vc_ref, b.meta, scale)
+    torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+    assert_matches(out, reference(Batch(b.q, b.k, b.v, kc, vc, b.meta), scale), cfg.dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("num_seqs", [2, 40])
+def test_decode_is_cuda_graph_capturable(num_seqs: int) -> None:
+    """Capture one decode step, then replay it with other lengths and block tables written into its inputs."""
+    cfg = Config(torch.bfloat16, 128, 4, 16, num_kv_heads=8)
+    # Both paths get captured: few sequences split the context, many take the unified kernel.
+    expect_split = default_num_splits(num_seqs, cfg.num_kv_heads, DEVICE) > 1
+    assert expect_split == (num_seqs == 2)
+    rng = random.Random(num_seqs)
+    batches = [with_new_kv(make_batch(cfg, [1] * num_seqs, [rng.randint(1, 700) for _ in range(num_seqs)],
+                                      seed=s, spare_blocks=60)) for s in range(3)]
+    # Static inputs sized for the largest batch; every replay copies a batch into them.
+    width = max(b.meta.block_tables.shape[1] for b in batches)
+    num_blocks = max(b.k_cache.shape[0] for b in batches)
+    first = batches[0]
+    q = first.q.clone()
+    k_cache = torch.full((num_blocks, *first.k_cache.shape[1:]), float("nan"), dtype=cfg.dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    block_tables = torch.zeros(num_seqs, width, dtype=torch.int32, device=DEVICE)
+    seq_lens = first.meta.seq_lens.clone()
+    qsl = first.meta.query_start_loc.clone()
+    scale = cfg.head_dim ** -0.5
+
+    def load(b: Batch) -> None:
+        q.copy_(b.q)
+        k_cache.fill_(float("nan"))
+        v_cache.fill_(float("nan"))
+        k_cache[: b.k_cache.shape[0]].copy_(b.k_cache)
+        v_cache[: b.v_cache.shape[0]].copy_(b.v_cache)
+        block_tables.zero_()
+        block_tables[:, : b.meta.block_tables.shape[1]].copy_(b.meta.block_tables)
+        seq_lens.copy_(b.meta.seq_lens)
+
+    def step() -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1, scale)
+
+    load(first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for b in batches[1:] + batches[:1]:
+        load(b)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(out, reference(b, scale), cfg.dtype)
