@@ -75,7 +75,7 @@ def bench_hf(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
         prompts = random_prompts(args.num_prompts, args.input_len, loaded.arch.vocab_size, seed=1)
         gen = GenerationConfig(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
-        with torch.inference_mode():
+        with torch.no_grad():  # generate_batch updates its cache outside inference mode
             t = time.perf_counter()
             out = hf.generate_batch(inputs=prompts, generation_config=gen)
             dt = time.perf_counter() - t

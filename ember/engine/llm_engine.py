@@ -145,6 +145,9 @@ class LLMEngine:
             self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
                                            self.block_manager.blocks_needed(self.max_model_len))
             self.timings.cuda_graphs_s = time.perf_counter() - t4
+        t = self.timings
+        logger.info("engine ready: resolve %.2f s, tokenizer %.2f s, weights %.2f s, KV cache %.2f s, "
+                    "CUDA graphs %.2f s", t.resolve_s, t.tokenizer_s, t.weights_s, t.kv_cache_s, t.cuda_graphs_s)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
