@@ -38,6 +38,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # Pinned staging buffers, allocated once: pinning memory per step costs more than the copy itself.
+        self.host = torch.zeros(4, n, dtype=torch.long).pin_memory()
+        self.host_np = self.host.numpy()
+        self.host_bt = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()
+        self.host_bt_np = self.host_bt.numpy()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
@@ -87,15 +92,17 @@ class DecodeGraphs:
         size = self.padded_size(b)
         assert size is not None
         width = max(len(t) for t in tables)
-        pad = size - b
-        # One pinned host buffer, one copy per static tensor; padding rows store nothing and read one token.
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad,
-                             seq_lens + [1] * pad], dtype=torch.long).pin_memory()
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).pin_memory()
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
-        self.slot_mapping[:size].copy_(host[2], non_blocking=True)
-        self.seq_lens[:size].copy_(host[3], non_blocking=True)
-        self.block_tables[:b, :width].copy_(bt, non_blocking=True)
+        h = self.host_np
+        # Padding rows store nothing (slot -1) and attend to one token.
+        h[0, :b], h[1, :b], h[2, :b], h[3, :b] = input_ids, positions, slots, seq_lens
+        h[0, b:size], h[1, b:size], h[2, b:size], h[3, b:size] = 0, 0, -1, 1
+        for i, t in enumerate(tables):
+            self.host_bt_np[i, :len(t)] = t
+        # The previous step's copies have completed: its sampled tokens were read back on the host.
+        self.input_ids[:size].copy_(self.host[0, :size], non_blocking=True)
+        self.positions[:size].copy_(self.host[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(self.host[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(self.host[3, :size], non_blocking=True)
+        self.block_tables[:b, :width].copy_(self.host_bt[:b, :width], non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:b]

@@ -53,6 +53,7 @@ class LoadTimings:
     weights_s: float = 0.0
     kv_cache_s: float = 0.0
     cuda_graphs_s: float = 0.0
+    warm_up_s: float = 0.0
 
 
 @dataclass
@@ -145,16 +146,30 @@ class LLMEngine:
             self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
                                            self.block_manager.blocks_needed(self.max_model_len))
             self.timings.cuda_graphs_s = time.perf_counter() - t4
-        t = self.timings
-        logger.info("engine ready: resolve %.2f s, tokenizer %.2f s, weights %.2f s, KV cache %.2f s, "
-                    "CUDA graphs %.2f s", t.resolve_s, t.tokenizer_s, t.weights_s, t.kv_cache_s, t.cuda_graphs_s)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self._finished_unreported: list[Request] = []
-        # Counters for metrics.
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.warm_up()
+        t = self.timings
+        logger.info("engine ready: resolve %.2f s, tokenizer %.2f s, weights %.2f s, KV cache %.2f s, "
+                    "CUDA graphs %.2f s, warm-up %.2f s", t.resolve_s, t.tokenizer_s, t.weights_s, t.kv_cache_s,
+                    t.cuda_graphs_s, t.warm_up_s)
+
+    def warm_up(self) -> None:
+        """One short request through prefill and decode, so the first real one pays no one-time costs
+        (kernel compilation, first-touch of weights and cache pages); counters start from zero after it."""
+        t = time.perf_counter()
+        self.add_request("ember-warm-up", None, [self.arch.bos_token_id or 0] * 8,
+                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.block_manager.reset_prefix_cache()
+        self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
+        self.num_prompt_tokens_total = self.num_generation_tokens_total = 0
+        self.timings.warm_up_s = time.perf_counter() - t
 
     # ----------------------------------------------------------------------------------------- setup
     def _num_kv_blocks(self) -> int:
@@ -207,7 +222,9 @@ class LLMEngine:
                 raise RequestValidationError("a prompt (text or token ids) is required", "prompt")
             prompt_token_ids = self.tokenizer.encode(prompt)
         ids = list(prompt_token_ids)
-        self._validate(ids, params)
+        max_tokens = self._validate(ids, params)
+        if max_tokens != params.max_tokens:  # never write into the caller's params: they may be shared
+            params = params.clone(max_tokens=max_tokens)
         req = Request(request_id, prompt, ids, params)
         for i in range(params.n):
             seq = Sequence(self._next_seq_id, req, i)
@@ -218,7 +235,8 @@ class LLMEngine:
         self.num_prompt_tokens_total += len(ids)
         return req
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Raises RequestValidationError; returns the effective max_tokens."""
         if not ids:
             raise RequestValidationError("the prompt is empty", "prompt")
         vocab = self.arch.vocab_size
@@ -234,7 +252,6 @@ class LLMEngine:
                 raise RequestValidationError(
                     f"This model's maximum context length is {limit} tokens. However, your prompt has {n} "
                     "tokens, leaving no room for the completion.", "prompt", "context_length_exceeded")
-            params.max_tokens = limit - n
         elif n + params.max_tokens > limit:
             raise RequestValidationError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -245,6 +262,7 @@ class LLMEngine:
             raise RequestValidationError(
                 f"the prompt needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}",
                 "prompt", "context_length_exceeded")
+        return params.max_tokens if params.max_tokens is not None else limit - n
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -354,8 +372,9 @@ class LLMEngine:
                 logprobs=seq.logprobs, delta_text=delta_text, delta_token_ids=delta_ids,
                 delta_logprobs=delta_lps, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         prompt_lps = req.prompt_logprobs if req.params.prompt_logprobs is not None else None
+        queued = None if req.first_scheduled_time is None else req.first_scheduled_time - req.arrival_time
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, prompt_lps,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+                             num_cached_tokens=req.seqs[0].num_cached_tokens, queue_time_s=queued)
 
     # ----------------------------------------------------------------------------------------- stats
     def stats(self) -> dict[str, float | int]:

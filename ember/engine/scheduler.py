@@ -8,6 +8,7 @@ cache).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = len(cached) * self.bm.block_size
             seq.status = SequenceStatus.RUNNING
+            if seq.request.first_scheduled_time is None:  # queue time (a metric) ends here
+                seq.request.first_scheduled_time = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n

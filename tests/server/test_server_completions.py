@@ -1,0 +1,135 @@
+"""POST /v1/completions through the official openai SDK against the live server."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+
+from ember.config import EMBEDDED_MODEL
+
+MODEL = EMBEDDED_MODEL
+PROMPT = "The capital of France is"
+GREEDY = {"temperature": 0, "max_tokens": 5, "extra_body": {"ignore_eos": True}}
+
+
+def _ids(http: httpx.Client, text: str) -> list[int]:
+    return http.post("/tokenize", json={"prompt": text}).json()["tokens"]
+
+
+def test_completion_basic(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    assert r.id.startswith("cmpl-")
+    assert r.object == "text_completion"
+    assert r.model == MODEL
+    assert len(r.choices) == 1 and r.choices[0].index == 0
+    assert r.choices[0].text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_completion_default_max_tokens_is_16(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="llm", prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+    assert r.model == "llm"
+    assert r.usage is not None and r.usage.completion_tokens == 16
+
+
+def test_completion_stream_matches_non_stream(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    assert {c.object for c in chunks} == {"text_completion"}
+    assert len({c.id for c in chunks}) == 1
+    assert "".join(ch.text for c in chunks for ch in c.choices) == whole.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()  # type: ignore[union-attr]
+    finals = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finals == ["length"]
+
+
+def test_completion_token_id_prompts(client: openai.OpenAI, http: httpx.Client) -> None:
+    ids = _ids(http, PROMPT)
+    by_text = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **GREEDY)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens == len(ids)
+    # A list of token-id lists is a batch of prompts.
+    other = _ids(http, "One, two, three,")
+    batch = client.completions.create(model=MODEL, prompt=[ids, other], **GREEDY)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == by_text.choices[0].text
+    assert batch.usage is not None and batch.usage.prompt_tokens == len(ids) + len(other)
+
+
+def test_completion_batch_times_n_indices(client: openai.OpenAI) -> None:
+    """OpenAI numbers choices prompt-major: prompt i's n choices are i*n .. i*n+n-1."""
+    prompts = [PROMPT, "One, two, three,"]
+    r = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=3, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    single = [client.completions.create(model=MODEL, prompt=p, max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    assert [c.text for c in r.choices] == [single[0], single[0], single[1], single[1]]
+    assert r.usage is not None and r.usage.completion_tokens == 12
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=3, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True}):
+        for ch in chunk.choices:
+            texts[ch.index] = texts.get(ch.index, "") + ch.text
+    assert texts == {c.index: c.text for c in r.choices}
+
+
+def test_completion_stop_and_seed(client: openai.OpenAI) -> None:
+    free = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = free[3:6]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, stop=stop,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == free[: free.index(stop)]
+    a, b = (client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, seed=99)
+            .choices[0].text for _ in range(2))
+    assert a == b
+
+
+def test_completion_logprobs(client: openai.OpenAI) -> None:
+    r = client.completions.create(model=MODEL, prompt=PROMPT, logprobs=2, **GREEDY)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs or []) == 5
+    assert "".join(lp.tokens) == c.text
+    assert lp.text_offset is not None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    for tok, tlp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs or [], strict=True):
+        assert tlp <= 0.0
+        assert tok in top and abs(top[tok] - tlp) < 1e-4  # greedy: the chosen token is among the top 2
+        assert 1 <= len(top) <= 3  # the top 2, plus the chosen token if it were not among them
+
+
+def test_completion_echo(client: openai.OpenAI) -> None:
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY).choices[0].text
+    r = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, **GREEDY)
+    assert r.choices[0].text == PROMPT + plain
+    streamed = "".join(ch.text for c in client.completions.create(model=MODEL, prompt=PROMPT, echo=True,
+                                                                   stream=True, **GREEDY) for ch in c.choices)
+    assert streamed == PROMPT + plain
+
+
+def test_completion_echo_with_logprobs(client: openai.OpenAI, http: httpx.Client) -> None:
+    ids = _ids(http, PROMPT)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+    assert len(lp.tokens) == len(ids) + 5
+    # The first prompt token has no context to be scored in: null, as OpenAI reports it.
+    assert lp.token_logprobs[0] is None and (lp.top_logprobs or [])[0] is None
+    assert all(x is not None and x <= 0.0 for x in lp.token_logprobs[1:])
+    assert "".join(lp.tokens[: len(ids)]) == PROMPT
+    assert lp.text_offset is not None and lp.text_offset[len(ids)] == len(PROMPT)
+    # Streaming reports the same prompt logprobs in the first chunk.
+    with client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1, stream=True,
+                                   **GREEDY) as stream:
+        first = next(iter(stream))
+    slp = first.choices[0].logprobs
+    assert slp is not None and slp.token_logprobs is not None
+    assert slp.token_logprobs[: len(ids)] == lp.token_logprobs[: len(ids)]
