@@ -79,7 +79,10 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
 def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: int) -> float:
     """FLOPs of the whole workload over the matmul rate (bytes are not the limit at this batch size)."""
     arch = engine.arch
-    flops = matmul_flops_per_token(arch) * n * (inp + out)
+    # Every token goes through the layers; only the sampled ones (the last prompt token, then each output
+    # token but the last) through the lm_head.
+    lm_head = 2 * arch.vocab_size * arch.hidden_size
+    flops = matmul_flops_per_token(arch) * n * (inp + out) - lm_head * n * (inp - 1)
     # Causal prefill averages inp/2 keys per query; decode tokens see inp + j keys.
     flops += n * (attention_flops(arch, inp, inp / 2) + attention_flops(arch, out, inp + out / 2))
     return flops / roof.matmul_rate

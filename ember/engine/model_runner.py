@@ -114,7 +114,8 @@ class ModelRunner:
                        [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos, strict=True)],
                        [p + 1 for p in pos], [s.block_table for s in seqs])
         batch = SamplingBatch.build(seqs, self.vocab_size, logits.device)
-        return StepResult(self.sampler(logits.clone(), batch), seqs, [])
+        # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
+        return StepResult(self.sampler(logits, batch), seqs, [])
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:

@@ -30,8 +30,8 @@ class SamplingBatch:
     """The sampling parameters of the rows of one step, as tensors on the logits' device."""
 
     seqs: list[Sequence]
-    temperature: torch.Tensor  # [B] (1.0 on greedy rows, so the division is harmless)
-    greedy: torch.Tensor  # [B] bool
+    temperature: torch.Tensor | None  # [B] (1.0 on greedy rows, so the division is harmless); None if all greedy
+    greedy: torch.Tensor | None  # [B] bool
     all_greedy: bool
     top_k: torch.Tensor | None  # [B] int, vocab size where disabled
     top_p: torch.Tensor | None
@@ -42,20 +42,24 @@ class SamplingBatch:
     def build(cls, seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
         ps = [s.params for s in seqs]
         greedy = [p.greedy for p in ps]
+        max_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
+        if all(greedy):  # the common latency case: no per-row tensors to build and copy
+            return cls(seqs, None, None, True, None, None, None, max_logprobs)
         temp = [1.0 if g else p.temperature for p, g in zip(ps, greedy, strict=True)]
-        any_top_k = any(p.top_k > 0 for p in ps)
-        any_top_p = any(p.top_p < 1.0 for p in ps)
-        any_min_p = any(p.min_p > 0.0 for p in ps)
+
+        def col(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
         return cls(
             seqs=seqs,
-            temperature=torch.tensor(temp, dtype=torch.float32, device=device),
-            greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            all_greedy=all(greedy),
-            top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in ps], device=device)
-            if any_top_k else None,
-            top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device) if any_top_p else None,
-            min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device) if any_min_p else None,
-            max_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
+            temperature=col(temp, torch.float32),
+            greedy=col(greedy, torch.bool),
+            all_greedy=False,
+            top_k=col([p.top_k if p.top_k > 0 else vocab_size for p in ps], torch.long)
+            if any(p.top_k > 0 for p in ps) else None,
+            top_p=col([p.top_p for p in ps], torch.float32) if any(p.top_p < 1.0 for p in ps) else None,
+            min_p=col([p.min_p for p in ps], torch.float32) if any(p.min_p > 0.0 for p in ps) else None,
+            max_logprobs=max_logprobs,
         )
 
 
@@ -139,6 +143,7 @@ class Sampler:
         if batch.all_greedy:
             tokens = greedy_tokens
         else:
+            assert batch.temperature is not None and batch.greedy is not None
             scaled = _top_k_top_p_min_p(logits / batch.temperature.unsqueeze(1), batch)
             sampled = _sample_random(scaled.softmax(dim=-1), batch.seqs)
             tokens = torch.where(batch.greedy, greedy_tokens, sampled)
