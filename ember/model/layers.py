@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _fused_ops(x: torch.Tensor):  # noqa: ANN202
+    """The Triton kernels for CUDA tensors; None elsewhere (the torch code below is their reference)."""
+    if not x.is_cuda:
+        return None
+    from ember.kernels import fused
+
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -19,15 +28,23 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """With `residual`, adds it first and returns (normed, new residual): the pre-norm block's pattern."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        # Normalise in fp32 like the reference implementation, then cast back before the weight.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        fused = _fused_ops(x)
+        if fused is not None:
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm_ref(x, self.weight, self.eps, residual)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+        residual = x
+    dtype = x.dtype
+    # Normalise in fp32 like the reference implementation, then cast back before the weight.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(dtype)
+    return out if residual is None else (out, residual)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -66,10 +83,20 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]; positions: [T]."""
-        cos = self.cos_cache[positions].unsqueeze(1)
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        """q: [T, H, D], k: [T, KVH, D]; positions: [T]. On CUDA, q and k are rotated in place."""
+        fused = _fused_ops(q)
+        if fused is not None:
+            fused.rotary_(q, positions, self.cos_cache, self.sin_cache)
+            fused.rotary_(k, positions, self.cos_cache, self.sin_cache)
+            return q, k
+        return rotary_ref(positions, q, k, self.cos_cache, self.sin_cache)
+
+
+def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor,
+               sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos_cache[positions].unsqueeze(1)
+    sin = sin_cache[positions].unsqueeze(1)
+    return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -91,5 +118,13 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        fused = _fused_ops(gate_up)
+        if fused is not None:
+            return self.down_proj(fused.silu_mul(gate_up))
+        return self.down_proj(silu_mul_ref(gate_up))
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
