@@ -71,6 +71,10 @@ class LoadedModel:
 
 
 def load_model(config: EngineConfig) -> LoadedModel:
+    if config.tensor_parallel_size != 1:
+        # Accepting the flag and running on one GPU anyway would hide a wrong deployment.
+        raise ValueError(f"--tensor-parallel-size {config.tensor_parallel_size}: tensor parallelism is not "
+                         "implemented yet; ember runs a model on one device")
     timings = LoadTimings()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
