@@ -40,7 +40,8 @@ def main() -> None:
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
-    phases = [line for line in out.splitlines() if "engine ready" in line or "ember ready" in line]
+    phases = [line for line in out.splitlines()
+              if "engine ready" in line or "ember ready" in line or "process start to serve" in line]
     print(json.dumps({"cmd": " ".join(cmd[2:]), "health_s": health, "first_token_s": first}))
     print("\n".join(phases))
 
