@@ -44,3 +44,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    # Seconds from the engine's arrival of the request to its first scheduling; None until it is scheduled.
+    queue_time_s: float | None = None

@@ -1,12 +1,33 @@
-"""Shared fixtures: the embedded model loaded once per test session."""
+"""Shared fixtures: the embedded model loaded once per test session, and one real server for the whole session:
+`ember serve`'s own code path (CLI flags -> EmberServer -> uvicorn) on 127.0.0.1 and a free port, in a background
+thread, serving the embedded SmolLM2 under two names (used by tests/server and tests/structured)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import httpx
+import openai
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
-# Tests never touch the network: the Hugging Face hub is consulted from the local cache only.
+from ember.config import EMBEDDED_MODEL  # plain dataclasses: imports neither torch nor transformers
+
+if TYPE_CHECKING:
+    from ember.server.config import ServerConfig
+    from ember.server.launcher import EmberServer
+
+# Tests never touch the network: the Hugging Face hub is consulted from the local cache only. Set before
+# anything imports transformers (ember modules are imported inside the fixtures for that reason).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,3 +50,139 @@ def hf_smol():
     path = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- live server
+
+SERVE_ARGS = ["serve", "--served-model-name", EMBEDDED_MODEL, "llm", "--port", "0", "--max-model-len", "1024",
+              "--kv-cache-memory-bytes", "256MiB", "--disable-uvicorn-access-log"]
+API_KEY = "test-key-123"
+LOAD_TIMEOUT_S = 300  # the first run converts the GGUF tokenizer (~10 s); later runs load in about a second
+
+
+@dataclass
+class LiveServer:
+    ember: EmberServer
+    url: str  # http://127.0.0.1:PORT, no trailing slash
+    keyed_url: str  # the same engine behind a second app that requires API_KEY
+
+    @property
+    def engine(self) -> Any:
+        return self.ember.engine
+
+    def run(self, coro: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the server's event loop (where the engine lives) and wait for its result."""
+        assert self.ember.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.ember.loop).result(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        async def read() -> dict[str, Any]:
+            return dict(self.engine.stats())
+
+        return self.run(read())
+
+    def wait_idle(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Poll until no request runs or waits and every KV block is free; return the last stats."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            idle = s["num_running"] == 0 and s["num_waiting"] == 0
+            if idle and s["num_free_blocks"] == s["num_total_blocks"] or time.monotonic() > deadline:
+                return s
+            time.sleep(0.05)
+
+    @contextlib.contextmanager
+    def extra_app(self, config: ServerConfig) -> Iterator[tuple[str, FastAPI]]:
+        """Another app with other server settings, on the same engine and event loop, while the block runs:
+        yields its base URL and the app. Cheaper than a second server, which would load the model again."""
+        from ember.server.app import build_app
+
+        assert self.ember.loop is not None
+        app = build_app(self.engine, config)
+        sock = _free_socket()
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        serving = asyncio.run_coroutine_threadsafe(server.serve(sockets=[sock]), self.ember.loop)
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
+        finally:
+            server.should_exit = True
+            serving.result(30)
+            sock.close()
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[LiveServer]:
+    from ember.cli import build_parser, engine_config_from_args, server_config_from_args
+    from ember.server.app import build_app
+    from ember.server.config import ServerConfig
+    from ember.server.launcher import EmberServer
+
+    args = build_parser().parse_args(SERVE_ARGS)
+    ember = EmberServer(engine_config_from_args(args), server_config_from_args(args))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", asyncio.run(ember.serve())), daemon=True,
+                              name="ember-test-server")
+    thread.start()
+    if not ember.ready.wait(LOAD_TIMEOUT_S):
+        ember.stop()
+        pytest.fail(f"the server did not become ready within {LOAD_TIMEOUT_S} s (exit code {result.get('rc')})")
+    assert ember.url is not None
+
+    # A second app on the same engine and loop, with an API key, for the authentication tests.
+    keyed_app = build_app(ember.engine, ServerConfig(served_model_names=[EMBEDDED_MODEL, "llm"],
+                                                     api_keys=[API_KEY, "second-key"]))
+    sock = _free_socket()
+    keyed = uvicorn.Server(uvicorn.Config(keyed_app, log_level="warning", access_log=False))
+    assert ember.loop is not None
+    asyncio.run_coroutine_threadsafe(keyed.serve(sockets=[sock]), ember.loop)
+    keyed_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 10
+    while not keyed.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    yield LiveServer(ember, ember.url, keyed_url)
+
+    keyed.should_exit = True
+    ember.stop()
+    thread.join(timeout=30)
+    sock.close()
+    assert result.get("rc") == 0, f"the server exited with {result.get('rc')}"
+
+
+@pytest.fixture(scope="session")
+def api_key() -> str:
+    """The key the second app (`LiveServer.keyed_url`) requires."""
+    return API_KEY
+
+
+@pytest.fixture(scope="session")
+def client(live_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live_server.url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def http(live_server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server.url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _no_request_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test that used the server, the engine must be idle with all KV blocks free: a leak in one
+    test (an un-aborted request, a held block) fails that test rather than a later one."""
+    yield
+    if "live_server" not in request.fixturenames:
+        return
+    server: LiveServer = request.getfixturevalue("live_server")
+    s = server.wait_idle()
+    assert s["num_running"] == 0 and s["num_waiting"] == 0, s
+    assert s["num_free_blocks"] == s["num_total_blocks"], s

@@ -74,7 +74,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     vocab = logits.shape[1]
     device = logits.device
     byte_idx = bitmask.to(device, non_blocking=True).view(torch.uint8).reshape(-1).int()
-    add = torch.index_select(_byte_table(device), 0, byte_idx).view(bitmask.shape[0], -1)
+    add = torch.index_select(_byte_table(device), 0, byte_idx).view(bitmask.shape[0], -1).to(logits.dtype)
     if add.shape[1] >= vocab:
         add = add[:, :vocab]
     else:  # a bitmask narrower than the logits forbids the rest

@@ -7,6 +7,7 @@ so that /openapi.json documents them; SamplingParams re-checks the sampling ones
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -62,6 +63,37 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestModel):
+    """response_format.json_schema. `strict` is accepted: ember always enforces the schema (or refuses it)."""
+
+    name: Text = Field(..., max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="Default: any JSON object.")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is required with type "json_schema", and only then')
+        return self
+
+
+class StructuredOutputsParams(RequestModel):
+    """vLLM's `structured_outputs` extra: exactly one constraint (checked when compiled)."""
+
+    json_: dict[str, Any] | Text | bool | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = Field(None, description="Lark, or GBNF/EBNF (root ::= ...).")
+    json_object: bool | None = None
+    disable_any_whitespace: bool = Field(True, description="ember's default is true (vLLM's: false).")
+
+
 class SamplingFields(RequestModel):
     """Sampling parameters common to chat and completions: OpenAI's names, then vLLM's extras."""
 
@@ -88,6 +120,9 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured outputs (ember.structured): OpenAI's response_format, or vLLM's structured_outputs.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -114,17 +149,64 @@ class TextContentPart(RequestModel):
     text: Text
 
 
+class FunctionCallRequest(RequestModel):
+    name: Text
+    arguments: Text = Field(..., description="The arguments as JSON text, as the model produced them.")
+
+
+class ToolCallRequest(RequestModel):
+    """An assistant message's earlier tool call, sent back in the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallRequest
+
+
 class ChatMessage(RequestModel):
     # "developer" is OpenAI's newer name for "system"; it is rendered as "system" (templates know only that).
-    # Tool calling is not supported yet: the "tool" role and tool_calls are rejected rather than mis-rendered.
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallRequest] | None = None  # assistant only
+    tool_call_id: Text | None = None  # tool only: which call this is the result of
+
+    @model_validator(mode="after")
+    def _check_tool_fields(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages need tool_call_id, and only they may have it")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema; default: no arguments.")
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestModel):
+    name: Text
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -133,6 +215,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="Default: the rest of the context.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with tools, none without.")
+    parallel_tool_calls: bool = True
     # vLLM extension.
     add_generation_prompt: bool = True
 
@@ -157,9 +243,21 @@ class ChatLogprobs(ResponseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -179,9 +277,24 @@ class ChatCompletionResponse(ResponseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(ResponseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(ResponseModel):
+    """A piece of a streamed tool call: the first for an index has id, type and name; later ones arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatDelta(ResponseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(ResponseModel):
@@ -311,11 +424,29 @@ class VersionResponse(ResponseModel):
 
 
 def chat_messages_for_template(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """The plain dicts a Jinja chat template expects: string content, 'developer' folded into 'system'."""
+    """The plain dicts a Jinja chat template expects: string content, 'developer' folded into 'system', tool calls
+    and results in the shape Hugging Face templates read."""
     out: list[dict[str, Any]] = []
     for m in messages:
-        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                             "content": None if m.content is None else m.text()}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _arguments_for_template(c.function.arguments)}}
+                for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
         out.append(d)
     return out
+
+
+def _arguments_for_template(arguments: str) -> Any:
+    # Templates differ: some print `arguments` as given, others pass it through `tojson` (which would quote a
+    # JSON string). A mapping renders right in both, so valid JSON objects are handed over parsed, as vLLM does.
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    return value if isinstance(value, dict) else arguments

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,6 +23,7 @@ from ember.server.protocol import (
     UsageInfo,
 )
 from ember.server.serving_engine import OpenAIServing, random_id
+from ember.server.serving_tools import ChatPlan, ToolCallStream, finish_reason, tool_calls_of
 from ember.server.streaming import SSE_DONE, Generation, SSEResponse, cancel_on_disconnect, sse
 
 
@@ -29,11 +31,14 @@ class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, req: ChatCompletionRequest,
                                      raw: Request) -> ChatCompletionResponse | Response:
         model = self.resolve_model(req.model)
-        prompt, prompt_ids = self.render_chat(req.messages, req.add_generation_prompt)
+        plan = await self.structured.chat_plan(req)
+        prompt, prompt_ids = self.render_chat(req.messages, req.add_generation_prompt, plan.template_tools,
+                                              plan.chat_template)
         # max_completion_tokens replaced max_tokens in OpenAI's API; either works, the newer one wins.
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens=max_tokens,
-                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                      logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                      structured_output=plan.structured_output)
         request_id = random_id("chatcmpl")
         gen = Generation(self.engine, request_id, prompt, prompt_ids, params)
         if req.stream:
@@ -42,9 +47,9 @@ class OpenAIServingChat(OpenAIServing):
             except BaseException:
                 await gen.close()
                 raise
-            return SSEResponse(self._stream(gen, req, model), on_close=gen.close)
+            return SSEResponse(self._stream(gen, req, model, plan), on_close=gen.close)
         try:
-            return await cancel_on_disconnect(raw, self._complete(gen, req, model))
+            return await cancel_on_disconnect(raw, self._complete(gen, req, model, plan))
         finally:
             await gen.close()
 
@@ -54,25 +59,33 @@ class OpenAIServingChat(OpenAIServing):
             return None
         return ChatLogprobs(content=self.logprobs.chat(token_ids, positions or [], req.top_logprobs or 0))
 
-    async def _complete(self, gen: Generation, req: ChatCompletionRequest,
-                        model: str) -> ChatCompletionResponse:
+    async def _complete(self, gen: Generation, req: ChatCompletionRequest, model: str,
+                        plan: ChatPlan) -> ChatCompletionResponse:
         await gen.start()
         last = None
         async for out in gen:
             last = out
         assert last is not None
-        choices = [
-            ChatCompletionChoice(index=o.index, message=ChatResponseMessage(content=o.text),
-                                 logprobs=self._logprobs(req, o.token_ids, o.logprobs),
-                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-            for o in sorted(last.outputs, key=lambda o: o.index)
-        ]
+        choices = []
+        for o in sorted(last.outputs, key=lambda o: o.index):
+            message = self._message(o, plan)
+            choices.append(ChatCompletionChoice(
+                index=o.index, message=message, logprobs=self._logprobs(req, o.token_ids, o.logprobs),
+                finish_reason=finish_reason(o.finish_reason, bool(message.tool_calls)), stop_reason=o.stop_reason))
         completion_tokens = sum(len(o.token_ids) for o in last.outputs)
         usage = UsageInfo(prompt_tokens=len(gen.prompt_token_ids), completion_tokens=completion_tokens,
                           total_tokens=len(gen.prompt_token_ids) + completion_tokens)
         return ChatCompletionResponse(id=gen.request_id, model=model, choices=choices, usage=usage)
 
-    async def _stream(self, gen: Generation, req: ChatCompletionRequest, model: str) -> AsyncIterator[str]:
+    @staticmethod
+    def _message(o: CompletionOutput, plan: ChatPlan) -> ChatResponseMessage:
+        if plan.parser is None:
+            return ChatResponseMessage(content=o.text)
+        ex = plan.parser.extract(o.text)
+        return ChatResponseMessage(content=ex.content, tool_calls=tool_calls_of(ex))
+
+    async def _stream(self, gen: Generation, req: ChatCompletionRequest, model: str,
+                      plan: ChatPlan) -> AsyncIterator[str]:
         created = int(time.time())
         # With include_usage every chunk carries "usage": null and a last chunk with no choices the totals.
         extra = {"usage": None} if req.include_usage else {}
@@ -84,6 +97,7 @@ class OpenAIServingChat(OpenAIServing):
         n = gen.params.n
         finished = [False] * n
         completion_tokens = [0] * n
+        tool_streams = [ToolCallStream(plan.parser) if plan.parser is not None else None for _ in range(n)]
         try:
             for i in range(n):
                 yield chunk(ChatCompletionStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""),
@@ -93,7 +107,7 @@ class OpenAIServingChat(OpenAIServing):
                     if finished[o.index]:
                         continue
                     completion_tokens[o.index] = len(o.token_ids)
-                    choice = self._delta_choice(req, o)
+                    choice = self._delta_choice(req, o, tool_streams[o.index])
                     if choice is not None:
                         finished[o.index] = o.finished
                         yield chunk(choice)
@@ -108,16 +122,21 @@ class OpenAIServingChat(OpenAIServing):
             yield sse(to_api_error(e).to_response())
         yield SSE_DONE
 
-    def _delta_choice(self, req: ChatCompletionRequest,
-                      o: CompletionOutput) -> ChatCompletionStreamChoice | None:
+    def _delta_choice(self, req: ChatCompletionRequest, o: CompletionOutput,
+                      tools: ToolCallStream | None) -> ChatCompletionStreamChoice | None:
         """The chunk choice for what one output added, or None when it added nothing visible (the detokenizer
-        may hold text back, e.g. a possible stop string's prefix or half a UTF-8 character)."""
+        may hold text back, e.g. a possible stop string's prefix or half a UTF-8 character; a tool parser, text
+        that may be a call's beginning)."""
         logprobs = self._logprobs(req, o.delta_token_ids, o.delta_logprobs) if o.delta_token_ids else None
-        if not o.delta_text and logprobs is None and not o.finished:
+        content, calls = (o.delta_text, []) if tools is None else tools.feed(o.delta_text, o.finished)
+        if not content and not calls and logprobs is None and not o.finished:
             return None
-        delta = ChatDelta(content=o.delta_text) if o.delta_text else ChatDelta()
-        choice = ChatCompletionStreamChoice(index=o.index, delta=delta, logprobs=logprobs,
-                                            finish_reason=o.finish_reason)
+        fields: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            fields["tool_calls"] = calls
+        delta = ChatDelta(**fields)  # only what changed is set, so only that is sent
+        reason = finish_reason(o.finish_reason, tools is not None and tools.has_calls)
+        choice = ChatCompletionStreamChoice(index=o.index, delta=delta, logprobs=logprobs, finish_reason=reason)
         if o.finished:
             choice.stop_reason = o.stop_reason
         return choice

@@ -52,7 +52,8 @@ class OpenAIServingCompletion(OpenAIServing):
         # echo + logprobs reports the prompt's own logprobs too, which the engine computes only when asked.
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         params = self.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                      prompt_logprobs=prompt_logprobs)
+                                      prompt_logprobs=prompt_logprobs,
+                                      structured_output=await self.structured.constraint(req))
         base_id = random_id("cmpl")
         # A copy of the params per prompt: the engine resolves max_tokens=None per request, in place.
         gens = [Generation(self.engine, base_id if len(prompts) == 1 else f"{base_id}-{i}", text, ids,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import jinja2
 
@@ -11,6 +12,7 @@ from ember.server.engine_client import EngineClient
 from ember.server.errors import APIError, bad_request, to_api_error
 from ember.server.logprobs import LogprobFormatter
 from ember.server.protocol import ChatMessage, SamplingFields, chat_messages_for_template
+from ember.server.serving_tools import StructuredServing
 
 
 def random_id(prefix: str) -> str:
@@ -27,6 +29,7 @@ class OpenAIServing:
         self.vocab_size = engine.vocab_size
         self.served_model_names = served_model_names
         self.logprobs = LogprobFormatter(engine.tokenizer)
+        self.structured = StructuredServing(engine.tokenizer)
 
     def resolve_model(self, requested: str | None) -> str:
         """The name to echo in the response: the one asked for if it is served (an alias stays an alias, as in
@@ -43,17 +46,20 @@ class OpenAIServing:
         if bad is not None:
             raise bad_request(f"token id {bad} is out of the vocabulary (size {vocab})", param)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> tuple[str, list[int]]:
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None = None,
+                    chat_template: str | None = None) -> tuple[str, list[int]]:
         """The chat template's prompt text and its token ids (the template placed the special tokens)."""
         try:
             text = self.tokenizer.apply_chat_template(chat_messages_for_template(messages),
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt, tools=tools,
+                                                      chat_template=chat_template)
         except (jinja2.TemplateError, ValueError, TypeError) as e:  # e.g. a template enforcing alternation
             raise bad_request(f"the chat template could not render these messages: {e}", "messages") from e
         return text, self.tokenizer.encode(text, add_special_tokens=False)
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, structured_output: Any = None) -> SamplingParams:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
             params = SamplingParams(
@@ -78,6 +84,7 @@ class OpenAIServing:
                 prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
+                structured_output=structured_output,
             )
             params.check_vocab(self.vocab_size)
         except SamplingParamsError as e:

@@ -73,7 +73,9 @@ def test_context_overflow_400(client: openai.OpenAI) -> None:
     ({"seed": 2**70}, "seed"),
     ({"stream_options": {"include_usage": True}}, None),  # without stream
     ({"no_such_field": 1}, "no_such_field"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]}, "tools.0"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "response_format.json_schema.schema"),
 ])
 def test_bad_chat_params_400(http: httpx.Client, extra: dict[str, Any], param: str | None) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 2, **extra}
