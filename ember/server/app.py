@@ -199,8 +199,8 @@ def _open_router(config: ServerConfig) -> APIRouter:
     def deps(name: str) -> list[Any]:
         return [_auth_dependency(config.api_keys)] if config.api_keys and name not in config.public_endpoints else []
 
-    @router.get("/health", dependencies=deps("health"),
-                responses={200: {"description": "Ready to serve"},
+    @router.get("/health", dependencies=deps("health"), response_class=Response,
+                responses={200: {"description": "Ready to serve (empty body)"},
                            503: {"model": ErrorResponse, "description": "Loading, or dead"}})
     async def health(request: Request) -> Response:
         """200 when ready; 503 while loading or once the engine has died (a supervisor should restart it)."""

@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.server.engine_client import EngineClient
@@ -102,10 +104,11 @@ class TrackedEngine:
             raise
         finally:
             self.admission.release(n)
-            # Closing the engine's stream early is what aborts the request there (and frees its KV blocks).
-            with contextlib.suppress(RuntimeError):
-                await stream.aclose()
             self._finish(start, last, n, record)
+            # Closing the engine's stream early is what aborts the request there (and frees its KV blocks).
+            # Shielded: inside a cancelled anyio scope (a client that went away) every await is cancelled again.
+            with anyio.CancelScope(shield=True), contextlib.suppress(RuntimeError):
+                await stream.aclose()
 
     def _finish(self, start: float, last: RequestOutput | None, n: int, record: Any) -> None:
         m, label = self.metrics, self.label

@@ -70,7 +70,7 @@ def test_docs_and_openapi_describe_the_routes(http: httpx.Client) -> None:
         for op in ops.values():
             assert "422" not in op["responses"]  # ember answers validation errors with 400
     chat = paths["/v1/chat/completions"]["post"]
-    assert set(chat["responses"]) == {"200", "400", "404", "500", "503"}
+    assert set(chat["responses"]) == {"200", "400", "404", "413", "429", "500", "503", "504"}
     assert chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     stream = chat["responses"]["200"]["content"]["text/event-stream"]["schema"]["$ref"]
     schemas = spec["components"]["schemas"]
@@ -109,6 +109,11 @@ class _StubEngine:
         self.max_model_len = 1024
         self.vocab_size = tokenizer.vocab_size
         self.errored = True
+
+    def stats(self) -> dict[str, Any]:  # what /metrics reads; an idle engine
+        return {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0, "prompt_tokens_total": 0,
+                "generation_tokens_total": 0, "num_preemptions": 0, "prefix_cache_queries": 0,
+                "prefix_cache_hits": 0}
 
 
 def test_health_503_while_loading_then_dead(live_server: Any) -> None:

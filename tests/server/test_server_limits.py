@@ -37,8 +37,11 @@ def _streaming(url: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
     with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/v1/chat/completions",
                                                                json={**body, "stream": True}) as resp:
         assert resp.status_code == 200
-        next(line for line in resp.iter_lines() if line.startswith("data: "))
+        # Keep the line iterator alive: once it is garbage-collected, httpcore closes the connection.
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
         yield resp
+        del lines
 
 
 def test_queue_full_429_at_once(live_server: Any) -> None:
@@ -82,11 +85,11 @@ def test_batch_partly_admitted_releases_everything(live_server: Any) -> None:
 
 
 def test_request_timeout_504(live_server: Any) -> None:
-    config = ServerConfig(served_model_names=NAMES, request_timeout_s=0.5)
+    config = ServerConfig(served_model_names=NAMES, request_timeout_s=3.0)
     with live_server.extra_app(config) as (url, _):
         start = time.monotonic()
         r = httpx.post(f"{url}/v1/chat/completions", json=LONG, timeout=60)
-        assert time.monotonic() - start < 10  # 600 tokens on a CPU take far longer
+        assert time.monotonic() - start < 15  # 600 tokens on a CPU take far longer
         err = _error(r, 504)
         assert err["code"] == "request_timeout"
         # Streamed: the stream has begun, so the timeout arrives as an error event, then [DONE].
@@ -95,8 +98,8 @@ def test_request_timeout_504(live_server: Any) -> None:
             events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "request_timeout"
-        # A short request finishes well within the limit.
-        assert httpx.post(f"{url}/v1/chat/completions", json={**LONG, "max_tokens": 2}, timeout=60).status_code == 200
+        # A one-token request finishes well within the limit.
+        assert httpx.post(f"{url}/v1/chat/completions", json={**LONG, "max_tokens": 1}, timeout=60).status_code == 200
     s = live_server.wait_idle()
     assert s["num_running"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]
 
