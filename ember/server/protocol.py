@@ -35,7 +35,7 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 class RequestModel(BaseModel):
     # allow_inf_nan=False: Python's JSON parser accepts NaN/Infinity literals; no sampling value may be one.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ResponseModel(BaseModel):

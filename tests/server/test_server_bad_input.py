@@ -72,3 +72,15 @@ def test_odd_content_types_and_methods(http: httpx.Client) -> None:
     assert http.put("/v1/completions", content=body).status_code == 405
     assert http.post("/v1/completions?stream=true&x=" + "y" * 4000, content=body, headers=JSON).status_code < 500
     assert http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": [True, False], "max_tokens": 2}),  # booleans are not token ids
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}),
+    ("/v1/chat/completions", {"messages": HELLO, "n": True, "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": HELLO, "max_tokens": "2"}),  # a numeric string is not a number
+])
+def test_wrong_json_types_not_coerced(http: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    _error(http.post(path, json={"model": EMBEDDED_MODEL, **body}))
+    assert http.post("/v1/completions", json={"model": EMBEDDED_MODEL, "prompt": "ok", "max_tokens": 1,
+                                              "temperature": 1}).status_code == 200  # ints still fit floats
