@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ember.bench.offline import _versions, random_prompts
+from ember.bench.offline import random_prompts, run_info
 from ember.config import EngineConfig
 from ember.engine.llm_engine import load_model
 
@@ -51,7 +51,9 @@ def hf_model_sharing_weights(loaded: Any) -> Any:
     if missing.missing_keys:
         raise RuntimeError(f"HF parameters not covered: {missing.missing_keys[:4]}")
     # Buffers (rotary inv_freq) were created on meta: rebuild the rotary module on the device.
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config, device=loaded.device)
+    # (A device context, not the `device` argument, which newer transformers versions dropped.)
+    with torch.device(loaded.device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=config)
     return hf.eval()
 
 
@@ -59,7 +61,7 @@ def bench_hf(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     loaded = load_model(config)
     hf = hf_model_sharing_weights(loaded)
     dev = loaded.device
-    res: dict[str, Any] = {**_versions(type("E", (), {"device": dev, "dtype": loaded.dtype})()), "bench": "hf"}
+    res: dict[str, Any] = {**run_info(dev, loaded.dtype, cuda_graphs=False), "bench": "hf"}
     ids = torch.tensor(random_prompts(1, args.input_len, loaded.arch.vocab_size), device=dev)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():

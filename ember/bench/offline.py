@@ -41,13 +41,17 @@ def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params: Sampl
     return time.perf_counter() - t, done
 
 
-def _versions(engine: LLMEngine) -> dict[str, Any]:
+def run_info(device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> dict[str, Any]:
+    """What a result was measured on: date, card, versions, dtype."""
     import ember
 
-    dev = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     return {"date": time.strftime("%Y-%m-%d"), "device": dev, "torch": torch.__version__,
-            "ember": ember.__version__, "dtype": str(engine.dtype).removeprefix("torch."),
-            "cuda_graphs": getattr(engine, "cuda_graphs_enabled", False)}
+            "ember": ember.__version__, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": cuda_graphs}
+
+
+def _engine_info(engine: LLMEngine) -> dict[str, Any]:
+    return run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled)
 
 
 def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
@@ -68,7 +72,7 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     b = args.batch_size
     avg_ctx = args.input_len + args.output_len / 2
     floor = roof.step_time(engine.arch, engine.dtype, b, b * avg_ctx, attention_flops(engine.arch, b, avg_ctx))
-    return {**_versions(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
+    return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
             "bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_tflop_s": roof.matmul_rate / 1e12,
@@ -99,7 +103,7 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
     n_in = sum(len(p) for p in prompts)
     floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len)
     st = engine.stats()
-    return {**_versions(engine), "bench": "throughput", "num_prompts": args.num_prompts,
+    return {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
             "requests_s": args.num_prompts / elapsed, "output_tok_s": n_out / elapsed,
             "total_tok_s": (n_in + n_out) / elapsed, "matmul_tflop_s": roof.matmul_rate / 1e12,

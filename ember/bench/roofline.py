@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ember.engine.kv_cache import bytes_per_block
 from ember.model.config import ModelArchConfig
 
 
@@ -72,8 +73,7 @@ def weight_bytes_per_step(arch: ModelArchConfig, dtype: torch.dtype) -> int:
 
 
 def kv_bytes_per_token(arch: ModelArchConfig, dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * elem
+    return bytes_per_block(arch, 1, dtype)
 
 
 def matmul_flops_per_token(arch: ModelArchConfig) -> int:

@@ -33,6 +33,11 @@ class StepResult:
     prompt_logprobs: list[tuple[Sequence, int, list[LogprobRow]]]
 
 
+def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The flat KV-cache slot that holds a sequence's token at `position`."""
+    return block_table[position // block_size] * block_size + position % block_size
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  block_size: int, device: torch.device, attn: AttentionBackend, sampler: Sampler) -> None:
@@ -69,7 +74,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:start + n])
             positions.extend(range(start, start + n))
             bt = seq.block_table
-            slots.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            slots.extend(cache_slot(bt, p, bs) for p in range(start, start + n))
             qsl.append(qsl[-1] + n)
             q_lens.append(n)
             seq_lens.append(start + n)
@@ -111,7 +116,7 @@ class ModelRunner:
         seqs = [i.seq for i in items]
         pos = [s.num_computed_tokens for s in seqs]
         logits = g.run([s.token_ids[p] for s, p in zip(seqs, pos, strict=True)], pos,
-                       [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos, strict=True)],
+                       [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
                        [p + 1 for p in pos], [s.block_table for s in seqs])
         batch = SamplingBatch.build(seqs, self.vocab_size, logits.device)
         # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
