@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ember.config import EMBEDDED_MODEL, EngineConfig
-from ember.server.config import PUBLIC_ENDPOINTS
+from ember.server.config import PUBLIC_ENDPOINTS, TOOL_CALL_PARSERS
 
 Subparsers = Any  # argparse's _SubParsersAction, which is private
 
@@ -173,6 +173,13 @@ def add_serve(sub: Subparsers) -> None:
                    help="larger request bodies get 413, e.g. 16MiB")
     p.add_argument("--graceful-shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish")
+    p.add_argument("--tool-call-parser", default="auto", choices=TOOL_CALL_PARSERS,
+                   help="how tool_choice 'auto' reads calls out of chat output; auto: detected from the chat "
+                        "template (hermes unless it is Llama 3.1's)")
+    # vLLM refuses tool_choice "auto" without this flag; ember always allows it, so vLLM command lines that
+    # carry the flag must still start. It changes nothing.
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility; auto tool choice is always on")
     p.add_argument("--disable-log-requests", action="store_true", help="no structured line per API request")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="HTTP server logging")
@@ -218,7 +225,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
                         max_request_body_bytes=args.max_request_body_bytes,
                         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
                         log_requests=not args.disable_log_requests, uvicorn_log_level=args.uvicorn_log_level,
-                        access_log=not args.disable_uvicorn_access_log)
+                        access_log=not args.disable_uvicorn_access_log, tool_call_parser=args.tool_call_parser)
 
 
 def _seconds_since_process_start() -> float | None:

@@ -87,7 +87,7 @@ def attach_engine(app: FastAPI, engine: EngineClient) -> None:
     state.metrics.attach(names[0], engine.stats)
     engine = TrackedEngine(engine, state.metrics, names[0], Admission(cfg.max_in_flight), cfg.request_timeout_s)
     state.engine = engine
-    state.chat = OpenAIServingChat(engine, names)
+    state.chat = OpenAIServingChat(engine, names, tool_call_parser=cfg.tool_call_parser)
     state.completion = OpenAIServingCompletion(engine, names)
     state.tokenization = OpenAIServingTokenization(engine, names)
 

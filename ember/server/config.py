@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 # Routes outside the OpenAI API that may stay open when API keys are set: load balancers and Prometheus
 # scrapers usually carry no key. The docs (/docs, /openapi.json) are always open.
 PUBLIC_ENDPOINTS = ("health", "metrics", "version")
+# `--tool-call-parser` values: "auto" (read the format off the chat template) or a name from
+# ember.structured.tool_parsers.TOOL_PARSERS. Spelled out here because importing ember.structured pulls in
+# llguidance, too heavy for parsing the command line; a test keeps the two in step.
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 
 
 @dataclass
@@ -35,6 +39,14 @@ class ServerConfig:
     log_requests: bool = True  # one structured line per API request on the `ember.requests` logger
     uvicorn_log_level: str = "info"
     access_log: bool = True
+    # How tool_choice "auto" reads calls out of chat output: "auto" detects the format from the chat template.
+    tool_call_parser: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Fail at construction, before the model loads, rather than with a 500 on the first request with tools.
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"unknown tool call parser {self.tool_call_parser!r}; "
+                             f"known: {', '.join(TOOL_CALL_PARSERS)}")
 
     @property
     def max_in_flight(self) -> int | None:

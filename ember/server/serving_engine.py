@@ -20,7 +20,7 @@ def random_id(prefix: str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, engine: EngineClient, served_model_names: list[str]) -> None:
+    def __init__(self, engine: EngineClient, served_model_names: list[str], tool_call_parser: str = "auto") -> None:
         if not served_model_names:
             raise ValueError("at least one served model name is needed")
         self.engine = engine
@@ -29,7 +29,7 @@ class OpenAIServing:
         self.vocab_size = engine.vocab_size
         self.served_model_names = served_model_names
         self.logprobs = LogprobFormatter(engine.tokenizer)
-        self.structured = StructuredServing(engine.tokenizer)
+        self.structured = StructuredServing(engine.tokenizer, tool_call_parser)
 
     def resolve_model(self, requested: str | None) -> str:
         """The name to echo in the response: the one asked for if it is served (an alias stays an alias, as in

@@ -33,7 +33,7 @@ from ember.structured import (
 )
 from ember.structured.chat_template import detect_tool_parser, tool_template_for
 from ember.structured.llguidance_backend import ll_tokenizer
-from ember.structured.tool_parsers import ExtractedToolCalls, StreamDelta, ToolStreamer
+from ember.structured.tool_parsers import TOOL_PARSERS, ExtractedToolCalls, StreamDelta, ToolStreamer
 from ember.tokenizer import Tokenizer
 
 
@@ -73,11 +73,17 @@ class ChatPlan:
 
 
 class StructuredServing:
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, tool_call_parser: str = "auto") -> None:
+        """`tool_call_parser`: "auto" reads the format off the template that renders tools; a name from
+        TOOL_PARSERS (`--tool-call-parser`) overrides it, for models whose template does not say what they emit."""
+        if tool_call_parser != "auto" and tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"unknown tool call parser {tool_call_parser!r}; known: auto, {', '.join(TOOL_PARSERS)}")
         self.compiler = get_compiler(tokenizer)
-        model_template = tokenizer.hf.chat_template
+        model_template = tokenizer.hf.chat_template  # already the --chat-template override, when one is given
         self.tool_template = tool_template_for(model_template)
-        self.tool_parser = detect_tool_parser(model_template if self.tool_template is None else self.tool_template)
+        if tool_call_parser == "auto":
+            tool_call_parser = detect_tool_parser(model_template if self.tool_template is None else self.tool_template)
+        self.tool_parser = tool_call_parser
         # Converting the tokenizer for llguidance takes ~0.5 s: do it now, not in the first request.
         threading.Thread(target=ll_tokenizer, args=(tokenizer,), daemon=True, name="llguidance-tokenizer").start()
 

@@ -65,6 +65,24 @@ def test_bad_cli_arguments_exit_2(argv: list[str]) -> None:
     assert exc.value.code == 2
 
 
+def test_tool_call_parser_flag_reaches_server_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from ember.server.config import TOOL_CALL_PARSERS, ServerConfig
+    from ember.structured.tool_parsers import TOOL_PARSERS
+
+    assert TOOL_CALL_PARSERS == ("auto", *TOOL_PARSERS)  # the CLI's choices are the parsers that exist
+    assert server_config_from_args(build_parser().parse_args(["serve"])).tool_call_parser == "auto"
+    for name in TOOL_CALL_PARSERS:
+        args = build_parser().parse_args(["serve", "--tool-call-parser", name, "--enable-auto-tool-choice"])
+        assert server_config_from_args(args).tool_call_parser == name
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--tool-call-parser", "mistral"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'mistral'" in err and all(repr(n) in err for n in TOOL_CALL_PARSERS), err
+    with pytest.raises(ValueError, match="unknown tool call parser 'mistral'"):
+        ServerConfig(tool_call_parser="mistral")
+
+
 def test_smoke_passes_against_the_server(live_server: Any) -> None:
     r = subprocess.run([*EMBER, "smoke", live_server.url + "/v1", "--max-tokens", "12", "--timeout", "30"],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -186,6 +186,37 @@ def test_auto_tool_choice_parses_hermes_calls(client: openai.OpenAI) -> None:
     assert (content, without_ids(streamed), finish) == ("Let me check.", without_ids(calls), "tool_calls")
 
 
+# Llama 3.1's JSON call format, forced the same way. The embedded model's template gets ember's Hermes-style
+# tool template, so only `--tool-call-parser llama3_json` can read this as a call.
+LLAMA3_OUTPUT = (r"\{\"name\": \"get_weather\", \"parameters\": \{\"city\": \"[A-Z][a-z]{2,9}\", "
+                 r"\"unit\": \"(celsius|fahrenheit)\"\}\}")
+
+
+def test_tool_call_parser_flag_overrides_the_template(live_server: Any, client: openai.OpenAI) -> None:
+    from ember.cli import build_parser, server_config_from_args
+    from ember.server.app import get_state
+
+    kw: dict[str, Any] = {"messages": ASK, "tools": TOOLS, "max_tokens": 60,
+                          "extra_body": {"structured_outputs": {"regex": LLAMA3_OUTPUT}}}
+    # The default server detects hermes from the template, so the same output stays plain content.
+    plain = chat(client, **kw).choices[0]
+    assert re.fullmatch(LLAMA3_OUTPUT, plain.message.content or "") and not plain.message.tool_calls
+    assert plain.finish_reason == "stop"
+
+    args = build_parser().parse_args(["serve", "--served-model-name", MODEL, "--tool-call-parser", "llama3_json"])
+    with live_server.extra_app(server_config_from_args(args)) as (url, app):
+        state = get_state(app)
+        assert state.chat is not None and state.chat.structured.tool_parser == "llama3_json"
+        llama = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=120)
+        c = chat(llama, **kw).choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        calls = calls_of(c.message)
+        assert [x["name"] for x in calls] == ["get_weather"]
+        assert json.loads(calls[0]["arguments"]) == json.loads(plain.message.content)["parameters"]
+        content, streamed, finish = stream_chat(llama, **kw)
+        assert (content, without_ids(streamed), finish) == (None, without_ids(calls), "tool_calls")
+
+
 def test_tool_choice_none_and_plain_answers(client: openai.OpenAI) -> None:
     # Without a call in the output, auto returns plain content and finish_reason stop/length.
     r = chat(client, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=12)
