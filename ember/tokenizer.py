@@ -1,4 +1,8 @@
-"""Tokenizer loading (HF directory or GGUF metadata) and the chat template."""
+"""Tokenizer loading (HF directory or GGUF metadata) and the chat template.
+
+transformers is imported only where it is needed (a GGUF's first conversion, a directory that ember.fast_tokenizer
+does not read): on the GPU machine its import costs ~7 s of the cold start.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from ember.fast_tokenizer import load_fast_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +27,27 @@ def cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
+def _from_dir(path: str | Path) -> Any:
+    """A Hugging Face-style tokenizer for a directory: ember.fast_tokenizer's where it reads the directory as
+    transformers would, else transformers' own."""
+    fast = load_fast_tokenizer(path)
+    if fast is not None:
+        return fast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _gguf_tokenizer(gguf_path: Path) -> Any:
     """Convert the GGUF's tokenizer once (transformers parses the whole file: ~9 s) and reuse the result."""
     cached = cache_root() / "tokenizers" / cache_key(gguf_path)
     if (cached / "tokenizer_config.json").exists():
         try:
-            return AutoTokenizer.from_pretrained(cached)
+            return _from_dir(cached)
         except Exception:  # a half-written or stale cache entry: rebuild it
             logger.warning("rebuilding tokenizer cache %s", cached)
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     try:
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
@@ -38,13 +55,17 @@ def _gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerBase:
         tmp.replace(cached) if not cached.exists() else None
     except OSError as e:  # read-only home: just don't cache
         logger.info("tokenizer cache not written: %s", e)
-    return tok
+        return tok
+    # Read back as every later start will, so that the first start behaves the same.
+    return load_fast_tokenizer(cached) or tok
 
 
 class Tokenizer:
-    """What the engine and the server need from a tokenizer, over a Hugging Face fast tokenizer."""
+    """What the engine and the server need from a tokenizer, over a Hugging Face fast tokenizer (`hf`: a
+    transformers tokenizer or an ember.fast_tokenizer.FastTokenizer, which has the same interface in the parts
+    used here)."""
 
-    def __init__(self, hf: PreTrainedTokenizerBase, eos_token_ids: set[int], chat_template: str | None = None):
+    def __init__(self, hf: Any, eos_token_ids: set[int], chat_template: str | None = None):
         self.hf = hf
         self.eos_token_ids = eos_token_ids
         if chat_template is not None:
@@ -58,7 +79,7 @@ class Tokenizer:
         if gguf_file is not None:
             hf = _gguf_tokenizer(Path(gguf_file))
         else:
-            hf = AutoTokenizer.from_pretrained(source)
+            hf = _from_dir(source)
         if hf.eos_token_id is not None:
             eos_token_ids = eos_token_ids | {hf.eos_token_id}
         return cls(hf, eos_token_ids, chat_template)

@@ -73,6 +73,13 @@ class RotaryEmbedding(nn.Module):
     def build_cache(self, device: torch.device | None) -> None:
         """(Re)compute the fp32 cos/sin table on `device` (models are built on the meta device first)."""
         dim = self.head_dim
+        if torch.device(device if device is not None else torch.get_default_device()).type == "meta":
+            # Shapes only. (Computing on meta runs torch's Python references, whose first call imports sympy:
+            # ~2 s of a cold start.)
+            shape = (self.max_positions, 2 * len(range(0, dim, 2)))
+            self.register_buffer("cos_cache", torch.empty(shape, device="meta"), persistent=False)
+            self.register_buffer("sin_cache", torch.empty(shape, device="meta"), persistent=False)
+            return
         inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
         if self.scaling is not None:
             inv_freq = _llama3_inv_freq(inv_freq, self.scaling)

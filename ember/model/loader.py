@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ember.config import EMBEDDED_MODEL, EngineConfig
@@ -315,12 +317,39 @@ def _expected_shards(name: str) -> tuple[str | None, ...]:
     return (None,)
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+def _skip(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
+@contextlib.contextmanager
+def _no_param_init() -> Iterator[None]:
+    """Modules skip their parameter initialization (as transformers' `no_init_weights` does). On the meta device
+    the values are discarded anyway, and `normal_` on a meta tensor runs torch's Python reference, whose first
+    call imports torch._dynamo and sympy: ~5 s of the GPU machine's cold start."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+    try:
+        for name in saved:
+            setattr(nn.init, name, _skip)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device,
                 max_positions: int, seed: int) -> LlamaForCausalLM:
     """Allocate parameters once, in their final dtype and device, then fill them."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_param_init():
         model = LlamaForCausalLM(arch, max_positions)
-    model = model.to(dtype).to_empty(device=device)
+    # model.to(dtype).to_empty(device=device), with a factory: empty_like of a meta tensor runs torch's Python
+    # reference, whose first call imports sympy (~1.5 s).
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype,
+                                               device=device))
     if arch.tie_word_embeddings:  # to_empty makes new Parameter objects, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.build_cache(device)
