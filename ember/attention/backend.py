@@ -10,7 +10,8 @@ or earlier decode steps). Its KV lives in blocks `block_tables[i, :ceil(seq_lens
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,6 +27,9 @@ class AttentionMetadata:
     # Host copies, for the reference path's per-sequence loop (no device sync needed to read them).
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # What a backend derives from this step's metadata once and reuses in every layer (metadata is not changed
+    # after it is built).
+    backend_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

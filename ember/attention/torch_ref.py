@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -35,49 +37,73 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     Decodes (one query each) are batched into one padded SDPA call; prefill chunks run one by one.
     """
     out = torch.empty_like(q)
-    decodes = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
-    if decodes:
-        _decode_batch(q, k_cache, v_cache, meta, scale, decodes, out)
+    if any(n == 1 for n in meta.query_lens_cpu):
+        _decode_batch(q, k_cache, v_cache, meta, scale, out)
     start = 0
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu, strict=True)):
         if q_len > 1:
-            qi = q[start:start + q_len].transpose(0, 1)  # [H, q_len, D]
-            ki = gather_kv(k_cache, meta.block_tables[i], seq_len).transpose(0, 1).to(q.dtype)
-            vi = gather_kv(v_cache, meta.block_tables[i], seq_len).transpose(0, 1).to(q.dtype)
-            # Query j sits at absolute position seq_len - q_len + j and sees keys up to there.
-            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-            kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=kpos <= qpos, scale=scale, enable_gqa=True)
-            out[start:start + q_len] = oi.transpose(0, 1)
+            # A leading batch dimension keeps CPU SDPA on its flash kernel: 3-D GQA input with a mask falls back
+            # to the math path, ~20x slower.
+            qi = q[start:start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+            ki = gather_kv(k_cache, meta.block_tables[i], seq_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            vi = gather_kv(v_cache, meta.block_tables[i], seq_len).transpose(0, 1).unsqueeze(0).to(q.dtype)
+            if q_len == seq_len:  # no cached prefix: SDPA's top-left causal mask is the right one
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                # Query j sits at absolute position seq_len - q_len + j and sees keys up to there.
+                qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+                kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=kpos <= qpos, scale=scale,
+                                                    enable_gqa=True)
+            out[start:start + q_len] = oi[0].transpose(0, 1)
         start += q_len
     return out
 
 
-def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, decodes: list[int], out: torch.Tensor) -> None:
-    """All single-query sequences at once: gather their contexts padded to the longest, mask the padding."""
-    bs = k_cache.shape[1]
-    dev = q.device
+@dataclass
+class _DecodeGather:
+    """Where the decode rows of a step read their padded contexts from; the same for every layer."""
+
+    rows: torch.Tensor  # [B] query rows of the decodes
+    slots: torch.Tensor  # [B * max_len] cache slots; padding points at the sequence's own first slot
+    valid: torch.Tensor  # [B, max_len] bool
+
+
+def _decode_gather(meta: AttentionMetadata, block_size: int) -> _DecodeGather:
+    cached = meta.backend_cache.get("torch_decode")
+    if cached is not None:
+        return cached
+    decodes = [i for i, n in enumerate(meta.query_lens_cpu) if n == 1]
+    dev = meta.seq_lens.device
     idx = torch.tensor(decodes, device=dev)
-    rows = meta.query_start_loc[idx].long()
     lens = meta.seq_lens[idx].long()
     max_len = max(meta.seq_lens_cpu[i] for i in decodes)
     pos = torch.arange(max_len, device=dev)
     valid = pos.unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
-    blocks = meta.block_tables[idx].long().gather(1, (pos // bs).clamp(max=meta.block_tables.shape[1] - 1)
-                                                  .unsqueeze(0).expand(len(decodes), -1))
-    slots = torch.where(valid, blocks * bs + pos % bs, 0)
+    tables = meta.block_tables[idx].long()
+    blocks = tables.gather(1, (pos // block_size).clamp(max=tables.shape[1] - 1).unsqueeze(0)
+                           .expand(len(decodes), -1))
+    # Padding reads a slot of the sequence's own context: finite data that the mask then ignores. (Any other
+    # slot may hold NaN, and 0 * NaN would poison the weighted sum.)
+    slots = torch.where(valid, blocks * block_size + pos % block_size, tables[:, :1] * block_size)
+    plan = _DecodeGather(meta.query_start_loc[idx].long(), slots.flatten(), valid)
+    meta.backend_cache["torch_decode"] = plan
+    return plan
+
+
+def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                  scale: float, out: torch.Tensor) -> None:
+    """All single-query sequences at once: their contexts gathered padded to the longest, the padding masked."""
+    plan = _decode_gather(meta, k_cache.shape[1])
+    b, max_len = plan.valid.shape
     kc = k_cache.reshape(-1, *k_cache.shape[2:])
     vc = v_cache.reshape(-1, *v_cache.shape[2:])
-    k = kc.index_select(0, slots.flatten()).view(len(decodes), max_len, *kc.shape[1:]).transpose(1, 2)
-    v = vc.index_select(0, slots.flatten()).view(len(decodes), max_len, *vc.shape[1:]).transpose(1, 2)
-    # Padding rows were read from slot 0, which may hold anything (even NaN, and 0 * NaN poisons the sum).
-    pad = ~valid[:, None, :, None]
-    k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
-    qb = q.index_select(0, rows).unsqueeze(2)  # [B, H, 1, D]
-    o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=valid[:, None, None, :],
+    k = kc.index_select(0, plan.slots).view(b, max_len, *kc.shape[1:]).transpose(1, 2)
+    v = vc.index_select(0, plan.slots).view(b, max_len, *vc.shape[1:]).transpose(1, 2)
+    qb = q.index_select(0, plan.rows).unsqueeze(2)  # [B, H, 1, D]
+    o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=plan.valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)
-    out.index_copy_(0, rows, o.squeeze(2))
+    out.index_copy_(0, plan.rows, o.squeeze(2))
 
 
 class TorchAttention(AttentionBackend):
