@@ -143,6 +143,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=d.max_num_batched_tokens,
                    help="token budget of one engine step (default: 8192 on GPU, 2048 on CPU)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="queue each decode step before reading back the previous one's tokens, so host work "
+                        "overlaps the GPU (default: on with CUDA)")
     p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=d.tensor_parallel_size,
                    help="GPUs to shard the model over")
 
@@ -205,6 +208,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
         served_model_name=list(args.served_model_name or []),
     )

@@ -33,6 +33,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    # Queue a decode step before reading back the previous one's tokens (None: on for CUDA, off on CPU, where
+    # the host runs the model itself and there is nothing to overlap).
+    async_scheduling: bool | None = None
     compile_cache_dir: str | None = None
     tensor_parallel_size: int = 1
     quantization: str | None = None  # None | fp8

@@ -72,7 +72,8 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        # Only known token ids can be hashed (a preempted sequence may still have a pending one).
+        max_blocks = (min(seq.num_tokens - 1, len(seq.token_ids))) // self.block_size
         hits: list[KVBlock] = []
         for h, parent, toks in self._prompt_hashes(seq, max_blocks):
             b = self.cached.get(h)
@@ -125,7 +126,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         hashes = self._seq_hashes.setdefault(seq.seq_id, [])
-        num_full = seq.num_computed_tokens // self.block_size
+        # A pending token (async scheduling) is computed but its id is not known yet: its block waits.
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)

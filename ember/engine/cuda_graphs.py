@@ -38,11 +38,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # Pinned staging buffers, allocated once: pinning memory per step costs more than the copy itself.
-        self.host = torch.zeros(4, n, dtype=torch.long).pin_memory()
-        self.host_np = self.host.numpy()
-        self.host_bt = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()
-        self.host_bt_np = self.host_bt.numpy()
+        # Pinned staging buffers, allocated once: pinning memory per step costs more than the copy itself. Two
+        # sets used in turn: with async scheduling the host fills step n+1's while step n's copies may still be
+        # queued; step n-1's have completed (its tokens were read back).
+        self._staging = [(torch.zeros(4, n, dtype=torch.long).pin_memory(),
+                          torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()) for _ in range(2)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
@@ -86,23 +86,31 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]]) -> torch.Tensor:
-        """Replay the graph for this decode batch; returns logits [b, vocab] (a view of the graph's output)."""
+            tables: list[list[int]], fix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            ) -> torch.Tensor:
+        """Replay the graph for this decode batch; returns logits [b, vocab] (a view of the graph's output).
+
+        `fix` = (tokens, rows, src): input_ids[rows] = tokens[src], for inputs still on the device.
+        """
         b = len(input_ids)
         size = self.padded_size(b)
         assert size is not None
         width = max(len(t) for t in tables)
-        h = self.host_np
+        self._staging.reverse()
+        host, host_bt = self._staging[0]
+        h, bt = host.numpy(), host_bt.numpy()
         # Padding rows store nothing (slot -1) and attend to one token.
         h[0, :b], h[1, :b], h[2, :b], h[3, :b] = input_ids, positions, slots, seq_lens
         h[0, b:size], h[1, b:size], h[2, b:size], h[3, b:size] = 0, 0, -1, 1
         for i, t in enumerate(tables):
-            self.host_bt_np[i, :len(t)] = t
-        # The previous step's copies have completed: its sampled tokens were read back on the host.
-        self.input_ids[:size].copy_(self.host[0, :size], non_blocking=True)
-        self.positions[:size].copy_(self.host[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(self.host[2, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(self.host[3, :size], non_blocking=True)
-        self.block_tables[:b, :width].copy_(self.host_bt[:b, :width], non_blocking=True)
+            bt[i, :len(t)] = t
+        self.input_ids[:size].copy_(host[0, :size], non_blocking=True)
+        self.positions[:size].copy_(host[1, :size], non_blocking=True)
+        self.slot_mapping[:size].copy_(host[2, :size], non_blocking=True)
+        self.seq_lens[:size].copy_(host[3, :size], non_blocking=True)
+        self.block_tables[:b, :width].copy_(host_bt[:b, :width], non_blocking=True)
+        if fix is not None:
+            tokens, rows, src = fix
+            self.input_ids.index_copy_(0, rows, tokens.index_select(0, src))
         self.graphs[size].replay()
         return self.logits[size][:b]

@@ -14,8 +14,8 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.detokenizer import Detokenizer, find_stop_string, releasable_text
 from ember.engine.errors import RequestValidationError
 from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes_per_block
-from ember.engine.model_runner import ModelRunner, StepResult
-from ember.engine.scheduler import Scheduler
+from ember.engine.model_runner import InflightDecode, ModelRunner, StepResult
+from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
@@ -154,6 +154,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self._finished_unreported: list[Request] = []
+        # Async scheduling (default on CUDA): at most one decode step queued whose tokens are not read back.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._inflight: InflightDecode | None = None
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.warm_up()
@@ -281,10 +285,30 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns the outputs of the requests it advanced.
+
+        With async scheduling, a step of pure decodes is queued on the GPU and its tokens are read back during
+        the next step, after that one is queued: the host's bookkeeping (detokenizing, stop checks, outputs,
+        scheduling) overlaps the GPU's work instead of leaving it idle. Outputs then trail by one step.
+        """
         sched = self.scheduler.schedule()
         touched: dict[str, Request] = {r.request_id: r for r in self._finished_unreported}
         self._finished_unreported = []
-        if not sched.is_empty:
+        if self._inflight is not None and sched.scheduled:
+            # A sequence whose pending token is certainly its last (by length) needs no further step.
+            sched.scheduled = [i for i in sched.scheduled if not self._ends_with_pending(i.seq)]
+        if self._inflight is not None and not self._can_overlap(sched):
+            self._resolve(touched)
+            sched.scheduled = [i for i in sched.scheduled if not i.seq.is_finished]
+        if sched.scheduled and self._can_overlap(sched):
+            launched = self.runner.launch_decode(sched, self._inflight)
+            for item in sched.scheduled:
+                item.seq.num_computed_tokens += 1
+                item.seq.num_pending += 1
+            if self._inflight is not None:
+                self._resolve(touched)
+            self._inflight = launched
+        elif sched.scheduled:
             result = self.runner.execute(sched)
             for item in sched.scheduled:
                 item.seq.num_computed_tokens += item.num_new_tokens
@@ -294,11 +318,46 @@ class LLMEngine:
             for seq, token, lp in zip(result.sample_seqs, result.sampled.token_ids, result.sampled.logprobs,
                                       strict=True):
                 self._append_token(seq, token, lp)
+        elif self._inflight is not None:
+            self._resolve(touched)
         outputs = [self._make_output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
                 self.requests.pop(r.request_id, None)
         return outputs
+
+    def _can_overlap(self, sched: SchedulerOutput) -> bool:
+        """Whether this step can be queued before the previous one's tokens are known: pure decodes whose
+        sampling needs nothing of the host's view of the newest token."""
+        if not self.async_scheduling or not sched.scheduled:
+            return False
+        for item in sched.scheduled:
+            seq, p = item.seq, item.seq.params
+            if item.num_new_tokens != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+                return False
+            if seq.grammar is not None or p.logprobs is not None or seq.request.wants_prompt_logprobs(seq):
+                return False
+            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+                return False
+            if p.min_tokens and seq.num_output_tokens <= p.min_tokens:  # the ban depends on the exact count
+                return False
+        return True
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        out = seq.num_output_tokens + seq.num_pending
+        return seq.num_pending > 0 and (out >= (seq.params.max_tokens or 0) or seq.num_tokens >= self.max_model_len)
+
+    def _resolve(self, touched: dict[str, Request]) -> None:
+        """Read back the in-flight step's tokens and process them as a synchronous step would have."""
+        inflight, self._inflight = self._inflight, None
+        assert inflight is not None
+        for seq, token in zip(inflight.seqs, inflight.token_ids(), strict=True):
+            seq.num_pending -= 1
+            if seq.is_finished:  # aborted, or ended by the token before this one: the step was wasted
+                continue
+            self.block_manager.cache_full_blocks(seq)  # before the token may end the sequence and free them
+            self._append_token(seq, token, None)
+            touched[seq.request.request_id] = seq.request
 
     def _record_prompt_logprobs(self, result: StepResult) -> None:
         for seq, first, rows in result.prompt_logprobs:
@@ -336,11 +395,11 @@ class LLMEngine:
             seq.grammar.accept_token(token)
         # A stop token ends the text before it: flush what precedes it, never its own text.
         if token in p.stop_token_ids:
-            self.detokenizer.flush(seq, end=seq.num_tokens - 1)
+            self.detokenizer.flush(seq, end=len(seq.token_ids) - 1)
             self.scheduler.finish(seq, "stop", token)
             return
         if not p.ignore_eos and token in self.eos_token_ids:
-            self.detokenizer.flush(seq, end=seq.num_tokens - 1)
+            self.detokenizer.flush(seq, end=len(seq.token_ids) - 1)
             self.scheduler.finish(seq, "stop", None)
             return
         new_text = self.detokenizer.append_token(seq)
@@ -356,7 +415,7 @@ class LLMEngine:
             self.detokenizer.flush(seq)
             self.scheduler.finish(seq, "stop")
             return
-        if seq.num_output_tokens >= (p.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
+        if seq.num_output_tokens >= (p.max_tokens or 0) or len(seq.token_ids) >= self.max_model_len:
             self.detokenizer.flush(seq)
             self.scheduler.finish(seq, "length")
 

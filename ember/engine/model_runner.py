@@ -33,6 +33,37 @@ class StepResult:
     prompt_logprobs: list[tuple[Sequence, int, list[LogprobRow]]]
 
 
+@dataclass
+class InflightDecode:
+    """A decode step queued on the device whose sampled tokens have not been read back (async scheduling)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [B] sampled tokens on the device: the next step's inputs, without a round trip
+    host: torch.Tensor  # [B] on the CPU (pinned on CUDA), filled by a non-blocking copy of `tokens`
+    event: torch.cuda.Event | None  # recorded after that copy
+
+    def token_ids(self) -> list[int]:
+        """Waits for the step, then returns its tokens."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+def _pending_inputs(seqs: list[Sequence], prev: InflightDecode | None) -> list[tuple[int, int]]:
+    """(row, row of `prev`) for each sequence whose input token is still on the device, sampled by `prev`."""
+    pending = [i for i, s in enumerate(seqs) if s.num_computed_tokens >= len(s.token_ids)]
+    if not pending:
+        return []
+    assert prev is not None, "a pending token without the step that samples it"
+    src = {s.seq_id: j for j, s in enumerate(prev.seqs)}
+    return [(i, src[seqs[i].seq_id]) for i in pending]
+
+
+def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    # non_blocking: a blocking copy would wait for the queued GPU work that async scheduling overlaps.
+    return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+
+
 def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
     """The flat KV-cache slot that holds a sequence's token at `position`."""
     return block_table[position // block_size] * block_size + position % block_size
@@ -49,12 +80,14 @@ class ModelRunner:
         self.sampler = sampler
         self.vocab_size = model.config.vocab_size
         self.graphs: DecodeGraphs | None = None
+        self._pinned: list[torch.Tensor] = []
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
-        # Built straight on the device: pinning a fresh host buffer each step costs more than it saves.
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        # A non-blocking copy from pageable memory: staged at once, without waiting for queued GPU work
+        # (pinning a fresh host buffer each step costs more than it saves).
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, prev: InflightDecode | None = None) -> StepInputs:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -72,6 +105,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             row0 = len(input_ids)
             input_ids.extend(seq.token_ids[start:start + n])
+            if len(input_ids) < row0 + n:  # a decode whose input is still on the device (filled in below)
+                input_ids.append(0)
             positions.extend(range(start, start + n))
             bt = seq.block_table
             slots.extend(cache_slot(bt, p, bs) for p in range(start, start + n))
@@ -94,7 +129,14 @@ class ModelRunner:
             query_lens_cpu=q_lens,
             seq_lens_cpu=seq_lens,
         )
-        return StepInputs(self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), meta,
+        ids = self._tensor(input_ids, torch.int64)
+        pending = _pending_inputs([i.seq for i in sched.scheduled], prev)
+        if pending:
+            assert prev is not None and all(i.num_new_tokens == 1 for i in sched.scheduled)
+            dst, src = zip(*pending, strict=True)
+            ids.index_copy_(0, _device_index(list(dst), self.device),
+                            prev.tokens.index_select(0, _device_index(list(src), self.device)))
+        return StepInputs(ids, self._tensor(positions, torch.int64), meta,
                           self._tensor(logits_idx, torch.int64), sample_seqs, prompt_lp)
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> float:
@@ -104,8 +146,8 @@ class ModelRunner:
         self.graphs.capture()
         return self.graphs.capture_s
 
-    def _graph_decode(self, sched: SchedulerOutput) -> StepResult | None:
-        """A step of pure decodes (no prompt logprobs) that fits a captured graph runs by replay."""
+    def _graph_logits(self, sched: SchedulerOutput, prev: InflightDecode | None) -> torch.Tensor | None:
+        """Logits of a step of pure decodes (no prompt logprobs) that fits a captured graph, run by replay."""
         g = self.graphs
         items = sched.scheduled
         if g is None or len(items) > g.max_batch or not all(i.num_new_tokens == 1 and i.samples for i in items):
@@ -115,9 +157,53 @@ class ModelRunner:
         bs = self.block_size
         seqs = [i.seq for i in items]
         pos = [s.num_computed_tokens for s in seqs]
-        logits = g.run([s.token_ids[p] for s, p in zip(seqs, pos, strict=True)], pos,
-                       [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
-                       [p + 1 for p in pos], [s.block_table for s in seqs])
+        fix = None
+        pending = _pending_inputs(seqs, prev)
+        if pending:
+            assert prev is not None
+            dst, src = zip(*pending, strict=True)
+            fix = (prev.tokens, _device_index(list(dst), self.device), _device_index(list(src), self.device))
+        return g.run([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
+                     pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
+                     [p + 1 for p in pos], [s.block_table for s in seqs], fix)
+
+    def _host_buffer(self, n: int) -> torch.Tensor:
+        """Where a step's tokens land on the host: two pinned buffers in turn (at most one step is in flight
+        while the previous one is read)."""
+        if self.device.type != "cuda":
+            return torch.empty(n, dtype=torch.long)
+        if not self._pinned or self._pinned[0].shape[0] < n:
+            size = max(n, 256)
+            self._pinned = [torch.empty(size, dtype=torch.long).pin_memory() for _ in range(2)]
+        self._pinned.reverse()
+        return self._pinned[0][:n]
+
+    @torch.inference_mode()
+    def launch_decode(self, sched: SchedulerOutput, prev: InflightDecode | None) -> InflightDecode:
+        """Queue a step of pure decodes and its sampling without waiting for the GPU. Inputs whose token
+        `prev` sampled are read from its device tensor. (Only for rows that need no host-side state of the
+        newest token: no grammar, penalties, min_tokens or logprobs; the engine checks.)"""
+        logits = self._graph_logits(sched, prev)
+        seqs = [i.seq for i in sched.scheduled]
+        if logits is None:
+            inp = self.prepare(sched, prev)
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
+            logits = self.model.compute_logits(hidden.index_select(0, inp.logits_indices))
+        # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
+        tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
+        if self.device.type != "cuda":
+            return InflightDecode(seqs, tokens, tokens, None)
+        host = self._host_buffer(len(seqs))
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return InflightDecode(seqs, tokens, host, event)
+
+    def _graph_decode(self, sched: SchedulerOutput) -> StepResult | None:
+        logits = self._graph_logits(sched, None)
+        if logits is None:
+            return None
+        seqs = [i.seq for i in sched.scheduled]
         batch = SamplingBatch.build(seqs, self.vocab_size, logits.device)
         # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
         return StepResult(self.sampler(logits, batch), seqs, [])

@@ -40,6 +40,9 @@ class Sequence:
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled on the device but not yet read back (async scheduling): counted in num_tokens, so the
+        # scheduler plans the next step, but not yet in token_ids.
+        self.num_pending = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first scheduling
         self.block_table: list[int] = []
         self.status = SequenceStatus.WAITING
@@ -61,7 +64,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -48,7 +48,9 @@ class SamplingBatch:
         temp = [1.0 if g else p.temperature for p, g in zip(ps, greedy, strict=True)]
 
         def col(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            # non_blocking: a blocking host-to-device copy would wait for the GPU work already queued, which
+            # async scheduling keeps busy while this step is prepared.
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         return cls(
             seqs=seqs,
@@ -118,15 +120,14 @@ def _top_k_top_p_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tens
 
 def _sample_random(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Exponential race (argmax p / E, E ~ Exp(1)): one sample per row, each row drawing its own noise."""
-    noise = torch.empty_like(probs)
-    unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+    # Every row draws from the device's generator first; seeded rows then overwrite theirs. (Indexing the
+    # unseeded rows instead would copy an index list to the device with a blocking copy.)
+    noise = torch.empty_like(probs).exponential_()
     for i, s in enumerate(seqs):
         if s.generator is not None:
             # The generator lives on the CPU so a seed gives the same stream on every device.
             row = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
-            noise[i] = row.to(probs.device)
+            noise[i].copy_(row, non_blocking=True)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -134,19 +135,22 @@ class Sampler:
     def __init__(self, eos_token_ids: set[int]) -> None:
         self.eos_token_ids = eos_token_ids
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """logits: [B, V] float32, one row per sampled sequence (modified in place)."""
-        raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The next token of every row, left on the logits' device (logits are modified in place)."""
         apply_logits_processors(logits, batch.seqs, self.eos_token_ids)
         apply_grammar_masks(logits, [s.grammar for s in batch.seqs])
         greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
-            tokens = greedy_tokens
-        else:
-            assert batch.temperature is not None and batch.greedy is not None
-            scaled = _top_k_top_p_min_p(logits / batch.temperature.unsqueeze(1), batch)
-            sampled = _sample_random(scaled.softmax(dim=-1), batch.seqs)
-            tokens = torch.where(batch.greedy, greedy_tokens, sampled)
+            return greedy_tokens
+        assert batch.temperature is not None and batch.greedy is not None
+        scaled = _top_k_top_p_min_p(logits / batch.temperature.unsqueeze(1), batch)
+        sampled = _sample_random(scaled.softmax(dim=-1), batch.seqs)
+        return torch.where(batch.greedy, greedy_tokens, sampled)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [B, V] float32, one row per sampled sequence (modified in place)."""
+        raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs >= 0 else None
+        tokens = self.sample(logits, batch)
         token_list = tokens.tolist()
         logprobs: list[LogprobRow | None] = [None] * len(token_list)
         if raw_logprobs is not None:

@@ -1,0 +1,118 @@
+"""Where a decode step's time goes on the GPU: kernels inside the captured graph, and host time around it.
+
+    python bench/profile_decode.py llama-3.1-8b-instruct --tokenizer DIR [--batch 1 --context 160]
+
+Prints, for one decode step at the given batch and context: each kernel family's device time per step, the
+matmuls' achieved bandwidth (weight bytes over their time, beside the device copy rate measured now), the
+graph replay's wall time, and a whole engine step's wall time (the difference is host work that the GPU waits
+for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+from ember.bench.offline import random_prompts
+from ember.bench.roofline import measure_bandwidth, weight_bytes_per_step
+from ember.config import EngineConfig
+from ember.engine.llm_engine import LLMEngine
+from ember.sampling_params import SamplingParams
+
+FAMILIES = [("gemm", ("gemm", "nvjet", "gemv", "cutlass", "sm90_xmma", "splitk")),
+            ("attention", ("attention", "split_kv")), ("rms_norm", ("rms_norm",)), ("rotary", ("rotary",)),
+            ("silu_mul", ("silu",)), ("store_kv", ("store_kv",)), ("embedding", ("index", "embedding"))]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=160)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
+    args = ap.parse_args()
+    eng = LLMEngine(EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer,
+                                 max_model_len=4096, max_num_seqs=max(8, args.batch),
+                                 async_scheduling=args.async_scheduling))
+    vocab = eng.arch.vocab_size
+    for i, p in enumerate(random_prompts(args.batch, args.context, vocab)):
+        eng.add_request(f"d{i}", None, p, SamplingParams(max_tokens=4000 - args.context, ignore_eos=True))
+    while any(s.is_prefilling for r in eng.requests.values() for s in r.seqs):
+        eng.step()
+    for _ in range(3):
+        eng.step()
+    g = eng.runner.graphs
+    assert g is not None, "run without --enforce-eager: this profiles the captured decode graph"
+    size = g.padded_size(args.batch)
+    graph = g.graphs[size]
+    # Timings first: the profiler's hooks slow launches down after it has run.
+    t = time.perf_counter()
+    for _ in range(50):
+        eng.step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t) / 50 * 1e3
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(50):
+        graph.replay()
+    torch.cuda.synchronize()
+    replay_ms = (time.perf_counter() - t) / 50 * 1e3
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    per_fam: dict[str, float] = defaultdict(float)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if dev_us <= 0 or evt.key.startswith(("cudaGraph", "cudaDevice", "cudaStream")):
+            continue
+        per_fam[family(evt.key)] += dev_us / args.steps
+        kernels[evt.key][0] += dev_us / args.steps
+        kernels[evt.key][1] += evt.count / args.steps
+
+
+    copy_bw = measure_bandwidth(eng.device)
+    wbytes = weight_bytes_per_step(eng.arch, eng.dtype)
+    gemm_us = per_fam.get("gemm", 0.0)
+    total_us = sum(per_fam.values())
+    res = {
+        "batch": args.batch, "padded_batch": size, "context": args.context,
+        "async_scheduling": eng.async_scheduling,
+        "device": torch.cuda.get_device_name(),
+        "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),
+        "engine_step_ms": round(step_ms, 3), "families_us": {k: round(v, 1) for k, v in sorted(
+            per_fam.items(), key=lambda kv: -kv[1])},
+        "copy_bandwidth_GBps": round(copy_bw / 1e9, 1), "weight_bytes": wbytes,
+        "gemm_achieved_GBps": round(wbytes / (gemm_us * 1e-6) / 1e9, 1) if gemm_us else None,
+        "roofline_ms": round(wbytes / copy_bw * 1e3, 3),
+    }
+    print(json.dumps(res, indent=1))
+    print(f"{'kernel':90s} {'us/step':>8s} {'calls':>6s}")
+    for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"{name[:90]:90s} {us:8.1f} {calls:6.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
