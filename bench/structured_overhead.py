@@ -234,7 +234,7 @@ E2E_SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "city", "hobbies"]}
 
 
-def e2e(tokens: int, reps: int) -> dict[str, Any]:
+def e2e(tokens: int, reps: int, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Inside ember's engine: the time the sampler spends in the grammar hook per step and the engine's token
     feedback, beside the whole step time, for constrained batches of 1 and 8."""
     import ember.sampling.sampler as sampler_mod
@@ -242,7 +242,7 @@ def e2e(tokens: int, reps: int) -> dict[str, Any]:
     from ember.structured import StructuredOutputs, clear_cache, compile_structured
     from ember.structured.llguidance_backend import LLGuidanceMatcher
 
-    llm = LLM()
+    llm = LLM(**engine_kwargs)
     tok = llm.tokenizer
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": E2E_PROMPT}]), add_special_tokens=False)
     res: dict[str, Any] = {}
@@ -301,11 +301,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", default=None, help="e2e: a model other than the embedded one (e.g. on a GPU)")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = compare(args.reps) if args.mode == "compare" else e2e(args.tokens, max(1, args.reps // 2))
+    engine_kwargs = {"model": args.model, "tokenizer": args.tokenizer, "load_format": args.load_format,
+                     "max_model_len": args.max_model_len}
+    out = (compare(args.reps) if args.mode == "compare"
+           else e2e(args.tokens, max(1, args.reps // 2), {k: v for k, v in engine_kwargs.items() if v is not None}))
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": args.threads}
+            "torch": torch.__version__, "threads": args.threads,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "model": args.model}
     print(json.dumps({"meta": meta, **out}, indent=1))
 
 

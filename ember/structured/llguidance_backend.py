@@ -37,8 +37,12 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
             # The HF fast tokenizer serialized to tokenizer.json is what llguidance reads (its `hf.from_tokenizer`
             # does the same, but insists on a class name transformers 5 no longer uses).
             backend = tokenizer.hf.backend_tokenizer
+            # The model's end-of-sequence ids may lie outside this tokenizer (a dummy model under a borrowed
+            # tokenizer); llguidance rejects those. The engine ends a sequence once its grammar is complete
+            # whatever the EOS, so the tokenizer's own ids suffice there.
+            eos = sorted(t for t in tokenizer.eos_token_ids if t < tokenizer.vocab_size)
             lt = llguidance.LLTokenizer(backend.to_str(), n_vocab=tokenizer.vocab_size,
-                                        eos_token=sorted(tokenizer.eos_token_ids))
+                                        eos_token=eos or None)
             _TOKENIZERS[tokenizer] = lt
         return lt
 
