@@ -11,11 +11,12 @@ from ember.attention.backend import AttentionBackend, AttentionMetadata
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write new K/V rows into their cache slots (negative slots are padding and skipped)."""
+             slot_mapping: torch.Tensor, has_padding: bool = True) -> None:
+    """Write new K/V rows into their cache slots (negative slots are padding and skipped; `has_padding=False`
+    promises there are none)."""
     kc = k_cache.view(-1, *k_cache.shape[2:])
     vc = v_cache.view(-1, *v_cache.shape[2:])
-    if slot_mapping.numel() and bool((slot_mapping < 0).any()):
+    if slot_mapping.numel() and has_padding:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
@@ -64,7 +65,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 class _DecodeGather:
     """Where the decode rows of a step read their padded contexts from; the same for every layer."""
 
-    rows: torch.Tensor  # [B] query rows of the decodes
+    rows: torch.Tensor | None  # [B] query rows of the decodes; None when every row is a decode
     slots: torch.Tensor  # [B * max_len] cache slots; padding points at the sequence's own first slot
     valid: torch.Tensor  # [B, max_len] bool
 
@@ -86,7 +87,9 @@ def _decode_gather(meta: AttentionMetadata, block_size: int) -> _DecodeGather:
     # Padding reads a slot of the sequence's own context: finite data that the mask then ignores. (Any other
     # slot may hold NaN, and 0 * NaN would poison the weighted sum.)
     slots = torch.where(valid, blocks * block_size + pos % block_size, tables[:, :1] * block_size)
-    plan = _DecodeGather(meta.query_start_loc[idx].long(), slots.flatten(), valid)
+    # A batch of decodes only, in order: the query rows are all the rows, as they are.
+    rows = None if len(decodes) == len(meta.query_lens_cpu) else meta.query_start_loc[idx].long()
+    plan = _DecodeGather(rows, slots.flatten(), valid)
     meta.backend_cache["torch_decode"] = plan
     return plan
 
@@ -100,15 +103,21 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vc = v_cache.reshape(-1, *v_cache.shape[2:])
     k = kc.index_select(0, plan.slots).view(b, max_len, *kc.shape[1:]).transpose(1, 2)
     v = vc.index_select(0, plan.slots).view(b, max_len, *vc.shape[1:]).transpose(1, 2)
-    qb = q.index_select(0, plan.rows).unsqueeze(2)  # [B, H, 1, D]
+    qb = (q if plan.rows is None else q.index_select(0, plan.rows)).unsqueeze(2)  # [B, H, 1, D]
     o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=plan.valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)
-    out.index_copy_(0, plan.rows, o.squeeze(2))
+    if plan.rows is None:
+        out.copy_(o.squeeze(2))
+    else:
+        out.index_copy_(0, plan.rows, o.squeeze(2))
 
 
 class TorchAttention(AttentionBackend):
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        padded = meta.backend_cache.get("torch_padded")
+        if padded is None:  # once per step, not per layer
+            padded = meta.backend_cache["torch_padded"] = bool((meta.slot_mapping < 0).any())
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, padded)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
