@@ -143,6 +143,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=d.max_num_batched_tokens,
                    help="token budget of one engine step (default: 8192 on GPU, 2048 on CPU)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--compile-cache-dir", default=d.compile_cache_dir, metavar="DIR",
+                   help="keep Triton's compiled kernels here (TRITON_CACHE_DIR), e.g. on a volume, so later "
+                        "launches skip the JIT compilation")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="queue each decode step before reading back the previous one's tokens, so host work "
                         "overlaps the GPU (default: on with CUDA)")
@@ -209,6 +212,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        compile_cache_dir=args.compile_cache_dir,
         tensor_parallel_size=args.tensor_parallel_size,
         served_model_name=list(args.served_model_name or []),
     )

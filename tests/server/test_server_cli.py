@@ -31,7 +31,8 @@ def test_serve_flags_map_to_engine_config() -> None:
         "--max-model-len", "4096", "--gpu-memory-utilization", "0.8", "--max-num-seqs", "32",
         "--max-num-batched-tokens", "4096", "--api-key", "k1", "--api-key", "k2", "--dtype", "bfloat16",
         "--load-format", "safetensors", "--seed", "7", "--chat-template", "tmpl.jinja", "--block-size", "32",
-        "--device", "cuda", "--kv-cache-memory-bytes", "4GiB", "--no-enable-prefix-caching"])
+        "--device", "cuda", "--kv-cache-memory-bytes", "4GiB", "--no-enable-prefix-caching",
+        "--no-async-scheduling", "--compile-cache-dir", "/vol/jit"])
     cfg = engine_config_from_args(args)
     assert cfg == EngineConfig(
         model="some/model", revision="abc", tokenizer="tokdir", load_format="safetensors", dtype="bfloat16",
@@ -39,7 +40,7 @@ def test_serve_flags_map_to_engine_config() -> None:
         max_model_len=4096, chat_template="tmpl.jinja", block_size=32, gpu_memory_utilization=0.8,
         kv_cache_memory_bytes=4 * 2**30, enable_prefix_caching=False, max_num_seqs=32,
         max_num_batched_tokens=4096, enforce_eager=True, tensor_parallel_size=2,
-        served_model_name=["some/model", "llm"])
+        served_model_name=["some/model", "llm"], async_scheduling=False, compile_cache_dir="/vol/jit")
     srv = server_config_from_args(args)
     assert (srv.host, srv.port, srv.api_keys) == ("0.0.0.0", 9000, ["k1", "k2"])
     assert srv.served_model_names == ["some/model", "llm"]
