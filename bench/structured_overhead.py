@@ -133,7 +133,11 @@ class XGrammar:
         self.xgr = xgrammar
         self.version = importlib.metadata.version("xgrammar")
         t = time.perf_counter()
-        info = xgrammar.TokenizerInfo.from_huggingface(tok.hf, vocab_size=tok.vocab_size,
+        # xgrammar reads a transformers tokenizer; ember's own may be the transformers-free one.
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok.hf.backend_tokenizer)
+        info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=tok.vocab_size,
                                                        stop_token_ids=sorted(tok.eos_token_ids))
         self.prep_s = time.perf_counter() - t
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_enabled=False)
