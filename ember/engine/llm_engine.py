@@ -346,7 +346,8 @@ class LLMEngine:
             return False
         for item in sched.scheduled:
             seq, p = item.seq, item.seq.params
-            if item.num_new_tokens != 1 or seq.num_computed_tokens < seq.num_prompt_tokens:
+            # One token that samples: a recomputed (preempted) sequence may get a 1-token chunk that does not.
+            if item.num_new_tokens != 1 or not item.samples or seq.num_computed_tokens < seq.num_prompt_tokens:
                 return False
             if seq.grammar is not None or p.logprobs is not None or seq.request.wants_prompt_logprobs(seq):
                 return False

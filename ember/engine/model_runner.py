@@ -183,6 +183,7 @@ class ModelRunner:
         """Queue a step of pure decodes and its sampling without waiting for the GPU. Inputs whose token
         `prev` sampled are read from its device tensor. (Only for rows that need no host-side state of the
         newest token: no grammar, penalties, min_tokens or logprobs; the engine checks.)"""
+        assert all(i.num_new_tokens == 1 and i.samples for i in sched.scheduled), "launch_decode: decodes only"
         logits = self._graph_logits(sched, prev)
         seqs = [i.seq for i in sched.scheduled]
         if logits is None:

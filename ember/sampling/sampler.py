@@ -71,8 +71,10 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence], eos_toke
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            # non_blocking: a blocking copy would wait for the GPU work queued ahead (async scheduling).
+            ids = torch.tensor(list(p.logit_bias)).to(logits.device, non_blocking=True)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype).to(logits.device, non_blocking=True)
+            logits[i, ids] += bias
         if p.min_tokens and seq.num_output_tokens < p.min_tokens:
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
             banned = {t for t in banned if t < vocab}

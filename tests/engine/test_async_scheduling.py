@@ -130,3 +130,31 @@ def test_logprobs_and_grammar_rows_run_synchronously(make_llm, prompts):
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert launches[0] > 0
     _assert_no_leak(llm)
+
+
+def test_recomputed_one_token_chunk_is_not_queued_ahead(make_llm):
+    """A preempted sequence recomputed past its prompt can get a 1-token chunk that samples nothing (a budget
+    of 4 with 3 decodes); such a step must run synchronously, not as a queued decode."""
+    llm = make_llm(async_scheduling=False, block_size=4, max_num_batched_tokens=4, max_num_seqs=4)
+    eng = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    for i in range(4):
+        eng.add_request(f"r{i}", None, list(range(1, 10)) + [10 + i], sp.clone())
+    for _ in range(30):
+        eng.step()
+    victim = eng.scheduler.running[-1]
+    eng.scheduler.running.remove(victim)
+    eng.scheduler._preempt(victim)
+    eng.async_scheduling = True
+    finished = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert sorted(finished) == ["r0", "r1", "r2", "r3"]
+    assert all(len(o.outputs[0].token_ids) == 40 for o in finished.values())
+    # The same prompts run synchronously from the start give the same tokens.
+    ref = make_llm(async_scheduling=False).generate(
+        prompt_token_ids=[list(range(1, 10)) + [10 + i] for i in range(4)], sampling_params=sp)
+    assert [finished[f"r{i}"].outputs[0].token_ids for i in range(4)] == [o.outputs[0].token_ids for o in ref]
+    _assert_no_leak(llm)
