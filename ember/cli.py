@@ -1,4 +1,4 @@
-"""The `ember` command: serve | chat | smoke (vLLM's flag names and meanings where they exist).
+"""The `ember` command: serve | chat | smoke | bench | deploy (vLLM's flag names and meanings where they exist).
 
 Each subcommand is an `add_*` function that adds its parser and sets `handler`; a new subcommand is one such
 function appended to SUBCOMMANDS.
@@ -404,7 +404,16 @@ def add_bench_commands(sub: Subparsers) -> None:
     add_bench(sub, add_engine_args, engine_config_from_args)
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [add_serve, add_chat, add_smoke, add_bench_commands]
+def add_deploy(sub: Subparsers) -> None:
+    # ember.deploy.ray_serve imports ray only when the command runs, so `ember --help` works without it.
+    from ember.deploy.ray_serve import add_ray_parser
+
+    p = sub.add_parser("deploy", help="run the server on a serving platform (ray: Ray Serve)")
+    targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    add_ray_parser(targets, add_engine_args, engine_config_from_args)
+
+
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [add_serve, add_chat, add_smoke, add_bench_commands, add_deploy]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ DEAD_LINGER_S = 2.0
 DEATH_POLL_S = 0.2
 
 
-def _default_engine_factory(cfg: EngineConfig) -> Any:
+def default_engine_factory(cfg: EngineConfig) -> Any:
     from ember.engine.async_engine import AsyncEngine  # imported late: it pulls in torch and the model code
     from ember.server.faults import install_from_env
 
@@ -99,7 +99,7 @@ class EmberServer:
     """`ember serve` in-process. `serve()` returns the exit code; `stop()` may be called from any thread."""
 
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
-                 engine_factory: EngineFactory = _default_engine_factory) -> None:
+                 engine_factory: EngineFactory = default_engine_factory) -> None:
         self.engine_config = engine_config
         self.server_config = server_config
         self.engine_factory = engine_factory
