@@ -120,6 +120,8 @@ class FastTokenizer:
     def from_dir(cls, d: Path) -> FastTokenizer:
         cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
         backend = Tokenizer.from_file(str(d / "tokenizer.json"))
+        if backend.padding is not None:  # transformers takes pad_token from it: its reading is not plain
+            raise ValueError("tokenizer.json sets padding")
         added = {t.content: (i, t) for i, t in backend.get_added_tokens_decoder().items()}
         # Entries of added_tokens_decoder that tokenizer.json lacks would be added by transformers.
         for idx, entry in (cfg.get("added_tokens_decoder") or {}).items():

@@ -113,6 +113,8 @@ def add_ray_parser(targets: Any, add_engine_args: Callable[[argparse.ArgumentPar
     rep.add_argument("--num-cpus-per-replica", metavar="N", type=_non_negative_float, default=1.0,
                      help="CPUs Ray reserves for each replica")
     ray_ = p.add_argument_group("Ray")
+    ray_.add_argument("--app-name", default=APP_NAME, metavar="NAME",
+                      help="the Serve application's name; on a shared cluster, one that no other app uses")
     ray_.add_argument("--address", default=None, metavar="ADDR",
                       help="Ray cluster to use (e.g. auto, or ray://head:10001); default: start a local one "
                            "for this command")
@@ -148,12 +150,21 @@ def deployment_options(args: argparse.Namespace, cluster_gpus: float = 0.0) -> d
     max_ongoing = args.max_ongoing_requests or args.max_num_seqs
     gpus = args.num_gpus_per_replica
     if gpus is None:
-        gpus = 1.0 if cluster_gpus > 0 else 0.0
+        gpus = 1.0 if cluster_gpus > 0 and args.device != "cpu" else 0.0
+    if 0 < gpus < 1 and args.kv_cache_memory_bytes is None:
+        # Each replica sizes its KV cache from the card's free memory, which the others on the card already
+        # hold: the second one would get nothing.
+        raise ValueError("replicas sharing a GPU (--num-gpus-per-replica below 1) need --kv-cache-memory-bytes")
+    actor: dict[str, Any] = {"num_gpus": gpus, "num_cpus": args.num_cpus_per_replica}
+    if gpus == 0:
+        # Ray leaves CUDA_VISIBLE_DEVICES alone for a replica without GPUs: hide them, or every such replica
+        # would put its model on cuda:0.
+        actor["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}
     opts: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "max_ongoing_requests": max_ongoing,
         "max_queued_requests": args.max_queued_requests,
-        "ray_actor_options": {"num_gpus": gpus, "num_cpus": args.num_cpus_per_replica},
+        "ray_actor_options": actor,
     }
     if autoscaling:
         low = 1 if args.min_replicas is None else args.min_replicas
@@ -242,16 +253,18 @@ def deploy(args: argparse.Namespace, engine_config: EngineConfig) -> str:
     # Ray keeps its own and warns.
     serve.start(http_options={"host": args.host, "port": port})
     options = deployment_options(args, float(ray.cluster_resources().get("GPU", 0)))
-    serve.run(build_application(engine_config, server_config_from_args(args), options), name=APP_NAME,
+    serve.run(build_application(engine_config, server_config_from_args(args), options), name=args.app_name,
               route_prefix="/", blocking=False)
     return _url(args.host, port)
 
 
 def _wait_for_signal() -> None:
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     stop.wait()
+    # A second Ctrl-C must still break out of a shutdown that hangs.
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 def run_deploy(args: argparse.Namespace, engine_config: EngineConfig) -> int:
@@ -288,5 +301,5 @@ def run_deploy(args: argparse.Namespace, engine_config: EngineConfig) -> int:
                 serve.shutdown()
             else:
                 # Someone else's cluster: remove only this app, leave Serve and other apps running.
-                serve.delete(APP_NAME)
+                serve.delete(args.app_name)
         ray.shutdown()

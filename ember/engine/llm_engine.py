@@ -129,6 +129,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """`loaded` lets several engines (different cache or scheduler settings) share one set of weights."""
         self.config = config
+        if loaded is not None and config.compile_cache_dir:  # load_model, which sets it, is skipped
+            use_compile_cache(config.compile_cache_dir)
         self.loaded = loaded or load_model(config)
         self.arch = self.loaded.arch
         self.model = self.loaded.model

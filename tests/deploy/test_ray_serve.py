@@ -35,7 +35,9 @@ def test_fixed_replicas_by_default() -> None:
     # The per-replica cap defaults to what one engine batches.
     assert opts["max_ongoing_requests"] == 32
     assert opts["max_queued_requests"] == -1
-    assert opts["ray_actor_options"] == {"num_gpus": 0.0, "num_cpus": 1.0}
+    # No GPU for the replica: Ray would leave the card visible, so the replica is told there is none.
+    assert opts["ray_actor_options"] == {"num_gpus": 0.0, "num_cpus": 1.0,
+                                         "runtime_env": {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}}}
 
 
 def test_fixed_replicas_and_resources() -> None:
@@ -45,8 +47,12 @@ def test_fixed_replicas_and_resources() -> None:
     assert (opts["num_replicas"], opts["max_ongoing_requests"], opts["max_queued_requests"]) == (3, 64, 100)
     # GPUs in the cluster: one per replica unless told otherwise.
     assert opts["ray_actor_options"] == {"num_gpus": 1.0, "num_cpus": 4.0}
-    explicit = ray_serve.deployment_options(_args("--num-gpus-per-replica", "0.5"), cluster_gpus=8)
+    explicit = ray_serve.deployment_options(_args("--num-gpus-per-replica", "0.5", "--kv-cache-memory-bytes",
+                                                  "8GiB"), cluster_gpus=8)
     assert explicit["ray_actor_options"]["num_gpus"] == 0.5
+    # --device cpu on a GPU cluster reserves no GPU.
+    assert ray_serve.deployment_options(_args("--device", "cpu"), cluster_gpus=8)["ray_actor_options"][
+        "num_gpus"] == 0.0
 
 
 def test_autoscaling_flags() -> None:
@@ -63,7 +69,9 @@ def test_autoscaling_flags() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--num-replicas", "2", "--min-replicas", "0"],
-                                  ["--min-replicas", "3", "--max-replicas", "2"]])
+                                  ["--min-replicas", "3", "--max-replicas", "2"],
+                                  # a shared card: each replica would size its KV cache from what is left
+                                  ["--num-gpus-per-replica", "0.5"]])
 def test_conflicting_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     args = _args(*argv)
     with pytest.raises(SystemExit) as exc:  # refused before Ray starts
