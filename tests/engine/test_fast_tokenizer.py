@@ -217,6 +217,17 @@ def test_other_directories_go_to_transformers(llama_like_dir: Path, tmp_path: Pa
     assert load_fast_tokenizer(d) is None
 
 
+def test_padding_in_tokenizer_json_goes_to_transformers(llama_like_dir: Path, tmp_path: Path) -> None:
+    """transformers takes pad_token from tokenizer.json's padding section; the fast path does not read it."""
+    d = tmp_path / "tok"
+    shutil.copytree(llama_like_dir, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": None, "pad_id": 0,
+                     "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    assert load_fast_tokenizer(d) is None
+
+
 def test_tokenizer_load_uses_the_fast_path(embedded_dir: Path) -> None:
     from ember.tokenizer import Tokenizer
 
