@@ -283,13 +283,20 @@ def _tile_n(q: torch.Tensor, k_cache: torch.Tensor, cap: int) -> int:
     return max(16, min(cap, 32768 // (q.shape[-1] * elt)))
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    head_dim = q.shape[-1]
+def _shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            query_start_loc: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(num_heads, head_dim, num_kv_heads, num_seqs) after checking what the kernels assume; None for an
+    empty batch (nothing to launch)."""
+    num_tokens, num_heads, head_dim = q.shape
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of 2, at least 16"
     block_size = k_cache.shape[1]
     assert block_size & (block_size - 1) == 0, "block_size must be a power of 2"
-    assert q.shape[1] % k_cache.shape[2] == 0, "num_heads must be a multiple of num_kv_heads"
+    assert num_heads % k_cache.shape[2] == 0, "num_heads must be a multiple of num_kv_heads"
     assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    num_seqs = query_start_loc.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return None
+    return num_heads, head_dim, k_cache.shape[2], num_seqs
 
 
 def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -302,13 +309,12 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     `block_m` (rows per tile), `tile_n` (keys per step), `num_warps` and `num_stages` override the defaults,
     for benchmarks.
     """
-    _check(q, k_cache, v_cache)
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    num_seqs = query_start_loc.shape[0] - 1
-    if num_tokens == 0 or num_seqs == 0:
+    shapes = _shapes(q, k_cache, v_cache, query_start_loc)
+    if shapes is None:
         return out
+    num_heads, head_dim, num_kv_heads, num_seqs = shapes
+    num_tokens = q.shape[0]
+    group = num_heads // num_kv_heads
     # Rows of one tile: at least 16 (the smallest tensor-core M), 64 when chunks have the queries to fill it.
     # Exact fp32 dots run on FMA units, whose operands then live in registers: 64 rows would spill.
     if block_m is None:
@@ -346,13 +352,11 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     `tile_n` (keys per step), `num_warps` and `num_stages` override the defaults, for benchmarks.
     """
-    _check(q, k_cache, v_cache)
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    num_seqs = query_start_loc.shape[0] - 1
-    if num_tokens == 0 or num_seqs == 0:
+    shapes = _shapes(q, k_cache, v_cache, query_start_loc)
+    if shapes is None:
         return out
+    num_heads, head_dim, num_kv_heads, num_seqs = shapes
+    group = num_heads // num_kv_heads
     assert 1 <= num_splits <= MAX_SPLITS
     tile_n = tile_n or _tile_n(q, k_cache, 128)
     # Partials in fp32: [seq, head, split, dim] and the log2-sum-exp of each split's scores.
