@@ -38,11 +38,14 @@ def test_rms_norm(dtype, rows, cols, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 37])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
-def test_rotary_in_place_on_fused_qkv_views(dtype, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("path", ["kernel", "module"])
+def test_rotary_in_place_on_fused_qkv_views(dtype, t, heads, kv_heads, head_dim, path):
+    """`kernel`: rotary_ on q and on k, strided views of the qkv output; `module`: the model's path, where
+    RotaryEmbedding rotates q and k (adjacent in each row) as one [t, heads + kv_heads, dim] view."""
     from ember.kernels.fused import rotary_
 
-    t = 37
     rot = RotaryEmbedding(head_dim, 4096, 500000.0, {"factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0,
                                                       "original_max_position_embeddings": 1024})
@@ -53,28 +56,13 @@ def test_rotary_in_place_on_fused_qkv_views(dtype, heads, kv_heads, head_dim):
     pos = torch.randint(0, 4096, (t,), device="cuda")
     ref_q, ref_k = rotary_ref(pos, q.clone(), k.clone(), rot.cos_cache, rot.sin_cache)
     v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
-    rotary_(q, pos, rot.cos_cache, rot.sin_cache)
-    rotary_(k, pos, rot.cos_cache, rot.sin_cache)
+    if path == "kernel":
+        rotary_(q, pos, rot.cos_cache, rot.sin_cache)
+        rotary_(k, pos, rot.cos_cache, rot.sin_cache)
+    else:
+        q, k = rot(pos, q, k)
     assert rel_err(q, ref_q) < tol(dtype) and rel_err(k, ref_k) < tol(dtype)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t", [1, 37])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128)])
-def test_rotary_module_rotates_joined_qk_in_one_launch(dtype, t, heads, kv_heads, head_dim):
-    """The model's path: q and k, adjacent in each qkv row, rotated as one [t, heads + kv_heads, dim] view."""
-    rot = RotaryEmbedding(head_dim, 4096, 10000.0, None)
-    rot.build_cache(torch.device("cuda"))
-    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
-    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim)
-    pos = torch.randint(0, 4096, (t,), device="cuda")
-    ref_q, ref_k = rotary_ref(pos, q.clone(), k.clone(), rot.cos_cache, rot.sin_cache)
-    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
-    got_q, got_k = rot(pos, q, k)
-    assert rel_err(got_q, ref_q) < tol(dtype) and rel_err(got_k, ref_k) < tol(dtype)
-    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
