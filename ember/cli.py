@@ -32,24 +32,27 @@ SMOKE_CHATS = (
 # --------------------------------------------------------------------------- argument types
 
 
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `low`."""
+
+    def parse(s: str) -> int:
+        v = int(s)
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+_positive_int = int_at_least(1)
+_non_negative_int = int_at_least(0)
 
 
 def _port(s: str) -> int:
     v = int(s)
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {v}")
-    return v
-
-
-def _non_negative_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {v}")
     return v
 
 
@@ -218,14 +221,22 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def api_keys_from_args(args: argparse.Namespace) -> list[str]:
+    """`--api-key`s, else $EMBER_API_KEY, else none."""
+    env_key = os.environ.get("EMBER_API_KEY")
+    return list(args.api_key) if args.api_key else ([env_key] if env_key else [])
+
+
+def served_model_names(args: argparse.Namespace) -> list[str]:
+    # vLLM's default served name is the model argument as given.
+    return list(args.served_model_name or [args.model or EMBEDDED_MODEL])
+
+
 def server_config_from_args(args: argparse.Namespace) -> Any:
     from ember.server.config import ServerConfig
 
-    env_key = os.environ.get("EMBER_API_KEY")
-    keys = args.api_key if args.api_key else ([env_key] if env_key else [])
-    # vLLM's default served name is the model argument as given.
-    names = list(args.served_model_name or [args.model or EMBEDDED_MODEL])
-    return ServerConfig(host=args.host, port=args.port, served_model_names=names, api_keys=keys,
+    return ServerConfig(host=args.host, port=args.port, served_model_names=served_model_names(args),
+                        api_keys=api_keys_from_args(args),
                         public_endpoints=list(args.public_endpoints), allowed_origins=args.allowed_origins,
                         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
                         allow_credentials=args.allow_credentials, max_num_seqs=args.max_num_seqs,
@@ -410,7 +421,7 @@ def add_deploy(sub: Subparsers) -> None:
 
     p = sub.add_parser("deploy", help="run the server on a serving platform (ray: Ray Serve)")
     targets = p.add_subparsers(dest="target", required=True, metavar="TARGET")
-    add_ray_parser(targets, add_engine_args, engine_config_from_args)
+    add_ray_parser(targets)
 
 
 SUBCOMMANDS: list[Callable[[Subparsers], None]] = [add_serve, add_chat, add_smoke, add_bench_commands, add_deploy]

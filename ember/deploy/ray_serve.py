@@ -18,10 +18,18 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ember.config import EMBEDDED_MODEL, EngineConfig
+from ember.cli import (
+    _HelpFormatter,
+    _port,
+    add_engine_args,
+    api_keys_from_args,
+    engine_config_from_args,
+    int_at_least,
+    served_model_names,
+)
+from ember.config import EngineConfig
 from ember.server.config import PUBLIC_ENDPOINTS, ServerConfig
 
 if TYPE_CHECKING:
@@ -34,16 +42,6 @@ AUTOSCALING_FLAGS = ("min_replicas", "max_replicas", "target_ongoing_requests", 
 
 
 # --------------------------------------------------------------------------- argument types
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(s: str) -> int:
-        v = int(s)
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
-        return v
-
-    return parse
 
 
 def _non_negative_float(s: str) -> float:
@@ -70,11 +68,8 @@ def _positive_float(s: str) -> float:
 # --------------------------------------------------------------------------- parser
 
 
-def add_ray_parser(targets: Any, add_engine_args: Callable[[argparse.ArgumentParser], None],
-                   engine_config_from_args: Callable[[argparse.Namespace], EngineConfig]) -> None:
+def add_ray_parser(targets: Any) -> None:
     """`ember deploy ray`: the engine flags of `ember serve`, plus replica, autoscaling and Ray options."""
-    from ember.cli import _HelpFormatter  # the same help style as `ember serve`
-
     p = targets.add_parser(
         "ray", help="serve on Ray Serve: replicas behind one HTTP endpoint, autoscaling",
         description="Run ember's OpenAI-compatible server as a Ray Serve application: each replica owns one "
@@ -83,18 +78,18 @@ def add_ray_parser(targets: Any, add_engine_args: Callable[[argparse.ArgumentPar
     add_engine_args(p)
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address Ray's HTTP proxy listens on")
-    srv.add_argument("--port", type=_int_at_least(0), default=8000, help="0 picks a free port")
+    srv.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
                      help="require 'Authorization: Bearer KEY' on the API routes (repeat for several keys; "
                           "default: $EMBER_API_KEY)")
     srv.add_argument("--public-endpoints", nargs="*", default=list(PUBLIC_ENDPOINTS), choices=PUBLIC_ENDPOINTS,
                      metavar="NAME", help=f"of {', '.join(PUBLIC_ENDPOINTS)}: those that need no API key")
     rep = p.add_argument_group("replicas (a fixed --num-replicas, or autoscaling with the --*-replicas flags)")
-    rep.add_argument("--num-replicas", metavar="N", type=_int_at_least(1), default=None,
+    rep.add_argument("--num-replicas", metavar="N", type=int_at_least(1), default=None,
                      help="fixed number of replicas (default: 1, unless an autoscaling flag is given)")
-    rep.add_argument("--min-replicas", metavar="N", type=_int_at_least(0), default=None,
+    rep.add_argument("--min-replicas", metavar="N", type=int_at_least(0), default=None,
                      help="autoscaling: fewest replicas; 0 scales to zero when idle (default: 1)")
-    rep.add_argument("--max-replicas", metavar="N", type=_int_at_least(1), default=None,
+    rep.add_argument("--max-replicas", metavar="N", type=int_at_least(1), default=None,
                      help="autoscaling: most replicas (default: max(--min-replicas, 1))")
     rep.add_argument("--target-ongoing-requests", metavar="N", type=_positive_float, default=None,
                      help="autoscaling: requests in flight per replica that the autoscaler aims at "
@@ -102,7 +97,7 @@ def add_ray_parser(targets: Any, add_engine_args: Callable[[argparse.ArgumentPar
     rep.add_argument("--downscale-delay-s", metavar="S", type=_non_negative_float, default=None,
                      help="autoscaling: seconds of low load before a replica is removed, also the idle time "
                           "before scaling to zero (default: Ray's, 600)")
-    rep.add_argument("--max-ongoing-requests", metavar="N", type=_int_at_least(1), default=None,
+    rep.add_argument("--max-ongoing-requests", metavar="N", type=int_at_least(1), default=None,
                      help="most requests one replica handles at once; Ray queues the rest in its proxy "
                           "(default: --max-num-seqs, what one engine batches)")
     rep.add_argument("--max-queued-requests", metavar="N", type=_queue_len, default=-1,
@@ -134,10 +129,8 @@ def add_ray_parser(targets: Any, add_engine_args: Callable[[argparse.ArgumentPar
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server settings a replica's app uses; host and port are Ray's proxy's, not the app's."""
-    env_key = os.environ.get("EMBER_API_KEY")
-    keys = args.api_key if args.api_key else ([env_key] if env_key else [])
-    names = list(args.served_model_name or [args.model or EMBEDDED_MODEL])
-    return ServerConfig(host=args.host, port=args.port, served_model_names=names, api_keys=keys,
+    return ServerConfig(host=args.host, port=args.port, served_model_names=served_model_names(args),
+                        api_keys=api_keys_from_args(args),
                         public_endpoints=list(args.public_endpoints), max_num_seqs=args.max_num_seqs)
 
 
