@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
 from ember.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from ember.engine.model_runner import PendingInputs
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +90,10 @@ class DecodeGraphs:
         return None
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]], fix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-            ) -> torch.Tensor:
+            tables: list[list[int]], pending: PendingInputs | None = None) -> torch.Tensor:
         """Replay the graph for this decode batch; returns logits [b, vocab] (a view of the graph's output).
 
-        `fix` = (tokens, rows, src): input_ids[rows] = tokens[src], for inputs still on the device.
+        `pending`: inputs still on the device (async scheduling), placed after the host's inputs are copied.
         """
         b = len(input_ids)
         size = self.padded_size(b)
@@ -109,8 +112,7 @@ class DecodeGraphs:
         self.slot_mapping[:size].copy_(host[2, :size], non_blocking=True)
         self.seq_lens[:size].copy_(host[3, :size], non_blocking=True)
         self.block_tables[:b, :width].copy_(host_bt[:b, :width], non_blocking=True)
-        if fix is not None:
-            tokens, rows, src = fix
-            self.input_ids.index_copy_(0, rows, tokens.index_select(0, src))
+        if pending is not None:
+            pending.apply(self.input_ids)
         self.graphs[size].replay()
         return self.logits[size][:b]

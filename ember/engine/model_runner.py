@@ -49,14 +49,26 @@ class InflightDecode:
         return self.host.tolist()
 
 
-def _pending_inputs(seqs: list[Sequence], prev: InflightDecode | None) -> list[tuple[int, int]]:
-    """(row, row of `prev`) for each sequence whose input token is still on the device, sampled by `prev`."""
-    pending = [i for i, s in enumerate(seqs) if s.num_computed_tokens >= len(s.token_ids)]
-    if not pending:
-        return []
-    assert prev is not None, "a pending token without the step that samples it"
-    src = {s.seq_id: j for j, s in enumerate(prev.seqs)}
-    return [(i, src[seqs[i].seq_id]) for i in pending]
+@dataclass
+class PendingInputs:
+    """Input tokens still on the device: `input_ids[rows] = tokens[src]`, `tokens` sampled by the step before."""
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    src: torch.Tensor
+
+    @classmethod
+    def find(cls, seqs: list[Sequence], prev: InflightDecode | None, device: torch.device) -> PendingInputs | None:
+        """None unless some sequence's input token is the one `prev` sampled and nobody has read back yet."""
+        rows = [i for i, s in enumerate(seqs) if s.num_computed_tokens >= len(s.token_ids)]
+        if not rows:
+            return None
+        assert prev is not None, "a pending token without the step that samples it"
+        src = {s.seq_id: j for j, s in enumerate(prev.seqs)}
+        return cls(prev.tokens, _device_index(rows, device), _device_index([src[seqs[i].seq_id] for i in rows], device))
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        input_ids.index_copy_(0, self.rows, self.tokens.index_select(0, self.src))
 
 
 def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
@@ -130,12 +142,10 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         ids = self._tensor(input_ids, torch.int64)
-        pending = _pending_inputs([i.seq for i in sched.scheduled], prev)
-        if pending:
-            assert prev is not None and all(i.num_new_tokens == 1 for i in sched.scheduled)
-            dst, src = zip(*pending, strict=True)
-            ids.index_copy_(0, _device_index(list(dst), self.device),
-                            prev.tokens.index_select(0, _device_index(list(src), self.device)))
+        pending = PendingInputs.find([i.seq for i in sched.scheduled], prev, self.device)
+        if pending is not None:
+            assert all(i.num_new_tokens == 1 for i in sched.scheduled)
+            pending.apply(ids)
         return StepInputs(ids, self._tensor(positions, torch.int64), meta,
                           self._tensor(logits_idx, torch.int64), sample_seqs, prompt_lp)
 
@@ -157,15 +167,9 @@ class ModelRunner:
         bs = self.block_size
         seqs = [i.seq for i in items]
         pos = [s.num_computed_tokens for s in seqs]
-        fix = None
-        pending = _pending_inputs(seqs, prev)
-        if pending:
-            assert prev is not None
-            dst, src = zip(*pending, strict=True)
-            fix = (prev.tokens, _device_index(list(dst), self.device), _device_index(list(src), self.device))
         return g.run([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
                      pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
-                     [p + 1 for p in pos], [s.block_table for s in seqs], fix)
+                     [p + 1 for p in pos], [s.block_table for s in seqs], PendingInputs.find(seqs, prev, self.device))
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         """Where a step's tokens land on the host: two pinned buffers in turn (at most one step is in flight
