@@ -86,8 +86,6 @@ def load_model(config: EngineConfig) -> LoadedModel:
         # Accepting the flag and running on one GPU anyway would hide a wrong deployment.
         raise ValueError(f"--tensor-parallel-size {config.tensor_parallel_size}: tensor parallelism is not "
                          "implemented yet; ember runs a model on one device")
-    if config.compile_cache_dir:
-        use_compile_cache(config.compile_cache_dir)
     timings = LoadTimings()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
@@ -129,7 +127,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """`loaded` lets several engines (different cache or scheduler settings) share one set of weights."""
         self.config = config
-        if loaded is not None and config.compile_cache_dir:  # load_model, which sets it, is skipped
+        if config.compile_cache_dir:  # before anything compiles: the warm-up and graph capture below
             use_compile_cache(config.compile_cache_dir)
         self.loaded = loaded or load_model(config)
         self.arch = self.loaded.arch
@@ -312,10 +310,12 @@ class LLMEngine:
         if self._inflight is not None and sched.scheduled:
             # A sequence whose pending token is certainly its last (by length) needs no further step.
             sched.scheduled = [i for i in sched.scheduled if not self._ends_with_pending(i.seq)]
-        if self._inflight is not None and not self._can_overlap(sched):
+        overlap = self._can_overlap(sched)
+        if self._inflight is not None and not overlap:
             self._resolve(touched)
             sched.scheduled = [i for i in sched.scheduled if not i.seq.is_finished]
-        if sched.scheduled and self._can_overlap(sched):
+            overlap = self._can_overlap(sched)  # the tokens just read may have changed it (min_tokens)
+        if overlap:
             launched = self.runner.launch_decode(sched, self._inflight)
             for item in sched.scheduled:
                 item.seq.num_computed_tokens += 1

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 
 from ember.config import EngineConfig
-from ember.engine.llm_engine import load_model
+from ember.engine.llm_engine import LLMEngine
 
 
 def test_compile_cache_dir_is_created_and_handed_to_triton(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     cache = tmp_path / "vol" / "jit"
-    load_model(EngineConfig(model="tiny-llama", load_format="dummy", compile_cache_dir=str(cache)))
+    LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", max_model_len=64,
+                           num_gpu_blocks_override=8, compile_cache_dir=str(cache)))
     assert cache.is_dir()
     assert os.environ["TRITON_CACHE_DIR"] == str(cache)
