@@ -150,8 +150,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="keep Triton's compiled kernels here (TRITON_CACHE_DIR), e.g. on a volume, so later "
                         "launches skip the JIT compilation")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="queue each decode step before reading back the previous one's tokens, so host work "
-                        "overlaps the GPU (default: on with CUDA)")
+                   help="queue each step (decodes and prefill chunks) before reading back the previous one's "
+                        "tokens, so host work overlaps the GPU (default: on with CUDA)")
     p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=d.tensor_parallel_size,
                    help="GPUs to shard the model over")
 

@@ -16,7 +16,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.detokenizer import Detokenizer, find_stop_string, releasable_text
 from ember.engine.errors import RequestValidationError
 from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes_per_block
-from ember.engine.model_runner import InflightDecode, ModelRunner, StepResult
+from ember.engine.model_runner import InflightStep, ModelRunner, StepResult
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
 from ember.model.config import ModelArchConfig
@@ -167,10 +167,10 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._next_seq_id = 0
         self._finished_unreported: list[Request] = []
-        # Async scheduling (default on CUDA): at most one decode step queued whose tokens are not read back.
+        # Async scheduling (default on CUDA): at most one step queued whose tokens are not read back.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
-        self._inflight: InflightDecode | None = None
+        self._inflight: InflightStep | None = None
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.warm_up()
@@ -300,9 +300,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one step; returns the outputs of the requests it advanced.
 
-        With async scheduling, a step of pure decodes is queued on the GPU and its tokens are read back during
-        the next step, after that one is queued: the host's bookkeeping (detokenizing, stop checks, outputs,
-        scheduling) overlaps the GPU's work instead of leaving it idle. Outputs then trail by one step.
+        With async scheduling, a step (decodes and prefill chunks alike, see `_can_overlap`) is queued on the
+        GPU and its tokens are read back during the next step, after that one is queued: the host's bookkeeping
+        (detokenizing, stop checks, outputs, scheduling) overlaps the GPU's work instead of leaving it idle.
+        Sampled tokens then trail by one step; a chunk that samples nothing reports in its own step, as it
+        would synchronously.
         """
         sched = self.scheduler.schedule()
         touched: dict[str, Request] = {r.request_id: r for r in self._finished_unreported}
@@ -316,10 +318,17 @@ class LLMEngine:
             sched.scheduled = [i for i in sched.scheduled if not i.seq.is_finished]
             overlap = self._can_overlap(sched)  # the tokens just read may have changed it (min_tokens)
         if overlap:
-            launched = self.runner.launch_decode(sched, self._inflight)
+            launched = self.runner.launch(sched, self._inflight)
             for item in sched.scheduled:
-                item.seq.num_computed_tokens += 1
-                item.seq.num_pending += 1
+                seq = item.seq
+                seq.num_computed_tokens += item.num_new_tokens
+                if item.samples:
+                    seq.num_pending += 1  # touched when read back
+                else:
+                    touched[seq.request.request_id] = seq.request
+                # Full blocks of known tokens can be shared now: whoever reuses them runs after this step on
+                # the device. A block that ends in a pending token waits for its id, in _resolve.
+                self.block_manager.cache_full_blocks(seq)
             if self._inflight is not None:
                 self._resolve(touched)
             self._inflight = launched
@@ -342,16 +351,20 @@ class LLMEngine:
         return outputs
 
     def _can_overlap(self, sched: SchedulerOutput) -> bool:
-        """Whether this step can be queued before the previous one's tokens are known: pure decodes whose
-        sampling needs nothing of the host's view of the newest token."""
+        """Whether this step can be queued before the previous one's tokens are known: nothing in it needs the
+        host's view of the newest token. Inputs not read back come from the device wherever they sit in the
+        batch, so any chunk qualifies; what is excluded is sampling that reads host state (grammar, penalties,
+        the min_tokens ban), logprobs (read back with the tokens), and prompt logprobs (computed and read back
+        within the step)."""
         if not self.async_scheduling or not sched.scheduled:
             return False
         for item in sched.scheduled:
             seq, p = item.seq, item.seq.params
-            # One token that samples: a recomputed (preempted) sequence may get a 1-token chunk that does not.
-            if item.num_new_tokens != 1 or not item.samples or seq.num_computed_tokens < seq.num_prompt_tokens:
+            if seq.request.wants_prompt_logprobs(seq):
                 return False
-            if seq.grammar is not None or p.logprobs is not None or seq.request.wants_prompt_logprobs(seq):
+            if not item.samples:  # a chunk short of the end: its KV is all it produces
+                continue
+            if seq.grammar is not None or p.logprobs is not None:
                 return False
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 return False

@@ -8,7 +8,7 @@ import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
 from ember.engine.cuda_graphs import DecodeGraphs
-from ember.engine.scheduler import SchedulerOutput
+from ember.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ember.engine.sequence import Sequence
 from ember.model.llama import LlamaForCausalLM
 from ember.sampling.sampler import LogprobRow, Sampler, SamplerOutput, SamplingBatch, logprob_rows
@@ -34,13 +34,15 @@ class StepResult:
 
 
 @dataclass
-class InflightDecode:
-    """A decode step queued on the device whose sampled tokens have not been read back (async scheduling)."""
+class InflightStep:
+    """A step queued on the device whose sampled tokens have not been read back (async scheduling)."""
 
-    seqs: list[Sequence]
+    seqs: list[Sequence]  # the rows that sample, in order (none for a step of mid-prompt chunks)
     tokens: torch.Tensor  # [B] sampled tokens on the device: the next step's inputs, without a round trip
     host: torch.Tensor  # [B] on the CPU (pinned on CUDA), filled by a non-blocking copy of `tokens`
-    event: torch.cuda.Event | None  # recorded after that copy
+    # Recorded after that copy, even with no rows: waiting for it keeps at most one step in flight, which the
+    # double-buffered host memory (here and in DecodeGraphs) relies on. None on the CPU (the step has run).
+    event: torch.cuda.Event | None
 
     def token_ids(self) -> list[int]:
         """Waits for the step, then returns its tokens."""
@@ -58,14 +60,30 @@ class PendingInputs:
     src: torch.Tensor
 
     @classmethod
-    def find(cls, seqs: list[Sequence], prev: InflightDecode | None, device: torch.device) -> PendingInputs | None:
-        """None unless some sequence's input token is the one `prev` sampled and nobody has read back yet."""
-        rows = [i for i, s in enumerate(seqs) if s.num_computed_tokens >= len(s.token_ids)]
+    def find(cls, items: list[ScheduledSeq], prev: InflightStep | None,
+             device: torch.device) -> PendingInputs | None:
+        """None unless some input token is one `prev` sampled and nobody has read back yet.
+
+        A sequence has at most one such token (one step is in flight at a time), its newest, at position
+        len(token_ids); its row is wherever the sequence's chunk puts that position in the flat batch: the
+        decode's only row, or the last row of a chunk that recomputes a preempted sequence up to it.
+        """
+        rows: list[int] = []
+        owners: list[Sequence] = []
+        row0 = 0
+        for item in items:
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            known = len(seq.token_ids)
+            if start + n > known:
+                assert start + n == known + 1, f"{seq}: more than one input token not read back"
+                rows.append(row0 + known - start)
+                owners.append(seq)
+            row0 += n
         if not rows:
             return None
         assert prev is not None, "a pending token without the step that samples it"
         src = {s.seq_id: j for j, s in enumerate(prev.seqs)}
-        return cls(prev.tokens, _device_index(rows, device), _device_index([src[seqs[i].seq_id] for i in rows], device))
+        return cls(prev.tokens, _device_index(rows, device), _device_index([src[s.seq_id] for s in owners], device))
 
     def apply(self, input_ids: torch.Tensor) -> None:
         input_ids.index_copy_(0, self.rows, self.tokens.index_select(0, self.src))
@@ -99,7 +117,7 @@ class ModelRunner:
         # (pinning a fresh host buffer each step costs more than it saves).
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prepare(self, sched: SchedulerOutput, prev: InflightDecode | None = None) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, prev: InflightStep | None = None) -> StepInputs:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -117,8 +135,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             row0 = len(input_ids)
             input_ids.extend(seq.token_ids[start:start + n])
-            if len(input_ids) < row0 + n:  # a decode whose input is still on the device (filled in below)
-                input_ids.append(0)
+            # An input still on the device (sampled by `prev`, not read back) is filled in below.
+            input_ids.extend([0] * (row0 + n - len(input_ids)))
             positions.extend(range(start, start + n))
             bt = seq.block_table
             slots.extend(cache_slot(bt, p, bs) for p in range(start, start + n))
@@ -142,9 +160,8 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         ids = self._tensor(input_ids, torch.int64)
-        pending = PendingInputs.find([i.seq for i in sched.scheduled], prev, self.device)
+        pending = PendingInputs.find(sched.scheduled, prev, self.device)
         if pending is not None:
-            assert all(i.num_new_tokens == 1 for i in sched.scheduled)
             pending.apply(ids)
         return StepInputs(ids, self._tensor(positions, torch.int64), meta,
                           self._tensor(logits_idx, torch.int64), sample_seqs, prompt_lp)
@@ -156,7 +173,7 @@ class ModelRunner:
         self.graphs.capture()
         return self.graphs.capture_s
 
-    def _graph_logits(self, sched: SchedulerOutput, prev: InflightDecode | None) -> torch.Tensor | None:
+    def _graph_logits(self, sched: SchedulerOutput, prev: InflightStep | None) -> torch.Tensor | None:
         """Logits of a step of pure decodes (no prompt logprobs) that fits a captured graph, run by replay."""
         g = self.graphs
         items = sched.scheduled
@@ -169,7 +186,7 @@ class ModelRunner:
         pos = [s.num_computed_tokens for s in seqs]
         return g.run([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
                      pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
-                     [p + 1 for p in pos], [s.block_table for s in seqs], PendingInputs.find(seqs, prev, self.device))
+                     [p + 1 for p in pos], [s.block_table for s in seqs], PendingInputs.find(items, prev, self.device))
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         """Where a step's tokens land on the host: two pinned buffers in turn (at most one step is in flight
@@ -183,26 +200,34 @@ class ModelRunner:
         return self._pinned[0][:n]
 
     @torch.inference_mode()
-    def launch_decode(self, sched: SchedulerOutput, prev: InflightDecode | None) -> InflightDecode:
-        """Queue a step of pure decodes and its sampling without waiting for the GPU. Inputs whose token
-        `prev` sampled are read from its device tensor. (Only for rows that need no host-side state of the
-        newest token: no grammar, penalties, min_tokens or logprobs; the engine checks.)"""
-        assert all(i.num_new_tokens == 1 and i.samples for i in sched.scheduled), "launch_decode: decodes only"
+    def launch(self, sched: SchedulerOutput, prev: InflightStep | None) -> InflightStep:
+        """Queue a step (decodes and prefill chunks) and its sampling without waiting for the GPU; only the rows
+        that sample produce tokens. Inputs that `prev` sampled are read from its device tensor. Pure decodes
+        replay a CUDA graph when one fits, anything else runs eagerly. (Only for steps without prompt logprobs
+        whose sampling rows need no host-side state of the newest token: no grammar, penalties, min_tokens or
+        logprobs; the engine checks.)"""
         logits = self._graph_logits(sched, prev)
-        seqs = [i.seq for i in sched.scheduled]
-        if logits is None:
+        if logits is not None:
+            seqs = [i.seq for i in sched.scheduled]
+        else:
             inp = self.prepare(sched, prev)
+            assert not inp.prompt_lp, "launch: prompt logprobs are read back in the step, synchronously"
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
-            logits = self.model.compute_logits(hidden.index_select(0, inp.logits_indices))
-        # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
-        tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
+            seqs = inp.sample_seqs
+            if seqs:
+                logits = self.model.compute_logits(hidden.index_select(0, inp.logits_indices))
+        if logits is None:  # mid-prompt chunks only
+            tokens = torch.empty(0, dtype=torch.long, device=self.device)
+        else:
+            # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
+            tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
         if self.device.type != "cuda":
-            return InflightDecode(seqs, tokens, tokens, None)
+            return InflightStep(seqs, tokens, tokens, None)
         host = self._host_buffer(len(seqs))
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return InflightDecode(seqs, tokens, host, event)
+        return InflightStep(seqs, tokens, host, event)
 
     def _graph_decode(self, sched: SchedulerOutput) -> StepResult | None:
         logits = self._graph_logits(sched, None)
