@@ -87,6 +87,8 @@ class DecodeCase:
         self.qsl = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
         self.q = torch.randn(batch, args.heads, d, dtype=DTYPE, device="cuda")
         self.scale = d ** -0.5
+        # Split-KV arrival counters kept across calls, as TritonAttention does (without, each call adds a memset).
+        self.counters = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
         # The fewest bytes a step must move: all K/V once, q in, out back, the block table.
         kv = 2 * batch * context * kvh * d * self.k_cache.element_size()
         self.bytes = kv + 2 * self.q.numel() * self.q.element_size() + self.block_tables.numel() * 4
@@ -97,13 +99,13 @@ class DecodeCase:
 
     def auto(self) -> torch.Tensor:
         return paged_attention(self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.qsl,
-                               1, self.scale)
+                               1, self.scale, counters=self.counters)
 
     def unified(self, **cfg: int) -> torch.Tensor:
         return unified_attention(*self._args(), 1, self.scale, **cfg)
 
     def split(self, num_splits: int, **cfg: int) -> torch.Tensor:
-        return split_kv_decode_attention(*self._args(), self.scale, num_splits, **cfg)
+        return split_kv_decode_attention(*self._args(), self.scale, num_splits, counters=self.counters, **cfg)
 
     def reference_head(self, n: int) -> torch.Tensor:
         """The torch reference on the first `n` sequences (the whole batch is too slow to loop over)."""

@@ -18,22 +18,11 @@ from collections import defaultdict
 import torch
 
 from ember.bench.offline import random_prompts
+from ember.bench.profiling import kernel_family
 from ember.bench.roofline import measure_bandwidth, weight_bytes_per_step
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
-
-FAMILIES = [("gemm", ("gemm", "nvjet", "gemv", "cutlass", "sm90_xmma", "splitk")),
-            ("attention", ("attention", "split_kv")), ("rms_norm", ("rms_norm",)), ("rotary", ("rotary",)),
-            ("silu_mul", ("silu",)), ("store_kv", ("store_kv",)), ("embedding", ("index", "embedding"))]
-
-
-def family(name: str) -> str:
-    low = name.lower()
-    for fam, keys in FAMILIES:
-        if any(k in low for k in keys):
-            return fam
-    return "other"
 
 
 def main() -> None:
@@ -85,7 +74,7 @@ def main() -> None:
         dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
         if dev_us <= 0 or evt.key.startswith(("cudaGraph", "cudaDevice", "cudaStream")):
             continue
-        per_fam[family(evt.key)] += dev_us / args.steps
+        per_fam[kernel_family(evt.key)] += dev_us / args.steps
         kernels[evt.key][0] += dev_us / args.steps
         kernels[evt.key][1] += evt.count / args.steps
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from ember.model.layers import RotaryEmbedding
 
 
 @dataclass
@@ -37,7 +40,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Stores the new tokens' K/V into the paged cache, then attends causally over each sequence's context."""
+    """Stores the new tokens' K/V into the paged cache, then attends causally over each sequence's context.
+
+    With `rotary`, q and k are first rotated at `positions`; a backend may fuse that into its KV-cache store.
+    """
 
     name: str
 
@@ -51,6 +57,9 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        *,
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,  # [num_tokens], with rotary
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 

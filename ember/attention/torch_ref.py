@@ -115,7 +115,10 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 class TorchAttention(AttentionBackend):
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, *, rotary=None,
+                positions=None) -> torch.Tensor:
+        if rotary is not None:
+            q, k = rotary(positions, q, k)
         padded = meta.backend_cache.get("torch_padded")
         if padded is None:  # once per step, not per layer
             padded = meta.backend_cache["torch_padded"] = bool((meta.slot_mapping < 0).any())

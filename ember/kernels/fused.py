@@ -1,9 +1,9 @@
-"""Fused small ops of the Llama block: residual add + RMSNorm, rotary embedding, SiLU * up.
+"""Fused small ops of the Llama block: residual add + RMSNorm, SiLU * up.
 
 At batch 1 a decode step is ~10 small elementwise launches per layer beside the matmuls; each costs a few
 microseconds even inside a CUDA graph, and in prefill each is a full pass over a [tokens, hidden] tensor.
-One kernel per op reads its inputs once. Torch twins: `RMSNorm.forward`, `RotaryEmbedding.forward`,
-`GatedMLP.forward` in `ember/model/layers.py`.
+One kernel per op reads its inputs once. Torch twins: `RMSNorm.forward`, `GatedMLP.forward` in
+`ember/model/layers.py`. (Rotary embedding is fused into the KV-cache store: `ember/kernels/store_kv.py`.)
 """
 
 from __future__ import annotations
@@ -12,22 +12,27 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels.pdl import pdl_release, pdl_wait, use_pdl
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, stride_x, stride_r, stride_o,
-                     stride_ro, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     stride_ro, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     if HAS_RES:
         # The sum is rounded to the activation dtype, as the reference adds in that dtype.
         x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    pdl_release(USE_PDL)
+    if HAS_RES:
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     h = (xf * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_o + cols, w * h, mask=mask)
 
 
@@ -42,47 +47,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if n_rows:
         _rms_norm_kernel[(n_rows,)](x, res, weight, out, res_out, n_cols, x.stride(0), res.stride(0),
                                     out.stride(0), res_out.stride(0), eps, HAS_RES=residual is not None,
-                                    BLOCK=block, num_warps=8 if block >= 4096 else 4)
+                                    BLOCK=block, USE_PDL=use_pdl(x.device), num_warps=8 if block >= 4096 else 4,
+                                    launch_pdl=use_pdl(x.device))
     return out if residual is None else (out, res_out)
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, num_heads, stride_t, stride_h, stride_c,
-                   HALF: tl.constexpr, HEADS_P: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    h = tl.arange(0, HEADS_P)
-    d = tl.arange(0, HALF)
-    mask = h[:, None] < num_heads
-    base = x_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
-    x1 = tl.load(base, mask=mask, other=0.0)
-    x2 = tl.load(base + HALF, mask=mask, other=0.0)
-    # cos/sin go through the activation dtype first, as in the reference.
-    c = tl.load(cos_ptr + pos * stride_c + d).to(x1.dtype).to(tl.float32)[None, :]
-    s = tl.load(sin_ptr + pos * stride_c + d).to(x1.dtype).to(tl.float32)[None, :]
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(base, (x1f * c - x2f * s).to(x1.dtype), mask=mask)
-    tl.store(base + HALF, (x2f * c + x1f * s).to(x1.dtype), mask=mask)
-
-
-def rotary_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
-    """In place on x [tokens, heads, head_dim] (rows may be strided views of a fused qkv output)."""
-    n_tokens, n_heads, head_dim = x.shape
-    assert x.stride(-1) == 1 and cos_cache.stride(-1) == 1
-    if n_tokens:
-        _rotary_kernel[(n_tokens,)](x, positions, cos_cache, sin_cache, n_heads, x.stride(0), x.stride(1),
-                                    cos_cache.stride(0), HALF=head_dim // 2,
-                                    HEADS_P=triton.next_power_of_2(n_heads))
-
-
-@triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     silu = (g / (1.0 + tl.exp(-g))).to(u.dtype)
+    pdl_release(USE_PDL)
     tl.store(out_ptr + row * stride_o + cols, silu * u, mask=mask)
 
 
@@ -94,5 +73,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = 1024
     if n_rows:
         _silu_mul_kernel[(n_rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
-                                                              out.stride(0), BLOCK=block)
+                                                              out.stride(0), BLOCK=block,
+                                                              USE_PDL=use_pdl(out.device),
+                                                              launch_pdl=use_pdl(out.device))
     return out

@@ -9,7 +9,8 @@ block table):
   chunks with a cached prefix use the same path: the causal mask is offset by the prefix length.
 - split-KV (flash-decoding), for decode-only batches too small to fill the SMs with one program per
   (sequence, KV head): the context is cut into `num_splits` segments that run in parallel and write partial
-  results (output and log-sum-exp), and a reduce kernel merges them.
+  results (output and log-sum-exp); the last program of each (sequence, KV head) to finish, known from an
+  arrival counter, merges them in the same launch. A context that fits one segment skips the partials.
 
 Neither path syncs with the host: grids come from tensor shapes and the static `max_query_len`, lengths are
 read on the device, so decode batches can be captured in a CUDA graph.
@@ -22,6 +23,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from ember.kernels.pdl import pdl_release, pdl_wait, use_pdl
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -107,7 +110,9 @@ def _unified_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q)
@@ -149,6 +154,7 @@ def _unified_attention_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
         True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
 
+    pdl_release(USE_PDL)
     # l_i is 0 only for an empty context (a padding sequence): write zeros rather than NaN.
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -157,21 +163,50 @@ def _unified_attention_kernel(
 
 @triton.jit
 def _segment_len(seq_len, num_splits, TILE_N: tl.constexpr):
-    """Keys per split, a multiple of TILE_N so that only a segment's last tile needs a mask."""
-    return tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N) * TILE_N
+    """Keys per split, a multiple of TILE_N so that only a segment's last tile needs a mask, and at least two
+    tiles: a shorter context then runs as one split per KV head and skips the merge (at batch 1 on an H200, two
+    128-key splits and their merge took longer than one program reading 160 keys)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N), 2) * TILE_N
+
+
+@triton.jit
+def _merge_splits(
+    part_out_ptr, part_lse_ptr, out_ptr, seq64, token, kv_head, active,
+    stride_ps, stride_ph, stride_ls, stride_lh, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr,
+):
+    """Writes the output of the GROUP query heads of `kv_head`: the `active` (>= 2) partials, weighted by their
+    log2-sum-exp. Every partial covers a non-empty segment, so every weight is finite and their sum >= 1."""
+    offs_s = tl.arange(0, SPLITS_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_mask = offs_s < active
+    # One [splits, dim] tile per head keeps registers low for any GROUP. The partials are read once and mostly
+    # come from other SMs: `.cg` takes them from L2 without filling L1 (their visibility comes from the
+    # counter's acquire, not from the cache hint).
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        lse = tl.load(part_lse_ptr + seq64 * stride_ls + head * stride_lh + offs_s, mask=split_mask,
+                      other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse - tl.max(lse, 0))
+        part = tl.load(part_out_ptr + seq64 * stride_ps + head * stride_ph + offs_s[:, None] * HEAD_DIM
+                       + offs_d[None, :], mask=split_mask[:, None], other=0.0, cache_modifier=".cg")
+        out = tl.sum(part * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _split_kv_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     scale_log2e, num_splits,
-    stride_qt, stride_qh,
+    stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     stride_ps, stride_ph, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -179,9 +214,11 @@ def _split_kv_decode_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     seg_len = _segment_len(seq_len, num_splits, TILE_N)
+    # The splits with keys: short contexts leave the trailing ones empty (seg_len is 0 only for seq_len 0).
+    active = tl.cdiv(seq_len, tl.maximum(seg_len, 1))
     kv_start = split * seg_len
-    # Short contexts leave trailing splits empty; the reduce kernel skips them by the same arithmetic.
-    if (q_len == 0) | (kv_start >= seq_len):
+    # Split 0 of an empty context (seq_len 0, q_len 1) still runs, to write zeros as the unified kernel does.
+    if (q_len == 0) | ((split > 0) & (split >= active)):
         return
     kv_end = tl.minimum(kv_start + seg_len, seq_len)
     kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
@@ -208,43 +245,32 @@ def _split_kv_decode_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
         True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
 
-    # The segment is non-empty and every row sees all of it, so l_i > 0.
-    seq64 = seq.to(tl.int64)
-    part_off = seq64 * stride_ps + head * stride_ph + split * HEAD_DIM
-    tl.store(part_out_ptr + part_off[:, None] + offs_d[None, :], acc / l_i[:, None], mask=row_mask[:, None])
-    tl.store(part_lse_ptr + seq64 * stride_ls + head * stride_lh + split, m_i + tl.log2(l_i), mask=row_mask)
-
-
-@triton.jit
-def _split_kv_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, query_start_loc_ptr,
-    num_splits,
-    stride_ps, stride_ph, stride_ls, stride_lh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 0:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    seg_len = _segment_len(seq_len, num_splits, TILE_N)
-    offs_s = tl.arange(0, SPLITS_P)
-    offs_d = tl.arange(0, HEAD_DIM)
-    split_mask = (offs_s < num_splits) & (offs_s * seg_len < seq_len)
-    seq64 = seq.to(tl.int64)
-    lse = tl.load(part_lse_ptr + seq64 * stride_ls + head * stride_lh + offs_s, mask=split_mask,
-                  other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    w = tl.exp2(lse - lse_max)
-    part = tl.load(part_out_ptr + seq64 * stride_ps + head * stride_ph + offs_s[:, None] * HEAD_DIM
-                   + offs_d[None, :], mask=split_mask[:, None], other=0.0)
-    w_sum = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
-    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty))
+    pdl_release(USE_PDL)
+    if active <= 1:
+        # The whole context is this segment: the result is final. l_i is 0 only for an empty context.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        # The segment is non-empty and every row sees all of it, so l_i > 0.
+        seq64 = seq.to(tl.int64)
+        part_off = seq64 * stride_ps + head * stride_ph + split * HEAD_DIM
+        tl.store(part_out_ptr + part_off[:, None] + offs_d[None, :], acc / l_i[:, None], mask=row_mask[:, None])
+        tl.store(part_lse_ptr + seq64 * stride_ls + head * stride_lh + split, m_i + tl.log2(l_i), mask=row_mask)
+        # The pattern of a grid barrier: the CTA barrier orders every thread's partial stores before the one
+        # thread that does the atomic, whose release (gpu scope, cumulative) publishes them; the last arrival's
+        # acquire makes all the partials visible to it, and Triton hands a scalar atomic's result to the other
+        # threads through shared memory behind another CTA barrier, so their loads come after the acquire too.
+        tl.debug_barrier()
+        counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == active - 1:
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, seq64, token, kv_head, active,
+                          stride_ps, stride_ph, stride_ls, stride_lh, stride_ot, stride_oh,
+                          GROUP, HEAD_DIM, SPLITS_P)
+            # Every active split has arrived, so nothing else touches the counter in this launch; the kernel
+            # boundary orders this reset before the next launch or graph replay.
+            tl.store(counter, 0)
 
 
 @functools.cache
@@ -264,7 +290,8 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -
     sms = _sm_count(device)
     if programs >= sms:
         return 1
-    # About one wave of programs. Measured on an H200 (Llama-3.1-8B shapes, 4k context, CUDA-graph replays):
+    # About one wave of programs. Measured on an H200 while the merge was still a second launch (Llama-3.1-8B
+    # shapes, 4k context, CUDA-graph replays):
     # batch 1 is fastest at 16-32 splits (18.6 us vs 81.5 unified), batch 8 at 4 (51 us vs 90 unified, 55 at 8),
     # and batch 64 (512 programs) is faster unified (260 us vs 276 at 4 splits).
     return min(MAX_SPLITS, triton.next_power_of_2(triton.cdiv(sms, programs)))
@@ -338,7 +365,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        USE_PDL=use_pdl(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device),
     )
     return out
 
@@ -346,11 +373,14 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
-                              tile_n: int | None = None, num_warps: int = 4,
-                              num_stages: int = 2) -> torch.Tensor:
+                              counters: torch.Tensor | None = None, tile_n: int | None = None,
+                              num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Flash-decoding over `num_splits` context segments for a batch where every q_len is 0 or 1.
 
-    `tile_n` (keys per step), `num_warps` and `num_stages` override the defaults, for benchmarks.
+    `counters`: int32, at least `num_seqs * num_kv_heads` zeros, which every launch leaves zero again, so one
+    buffer serves every launch and CUDA-graph replay (but not two launches running at once). Without one large
+    enough, a zeroed buffer is allocated for this call (a memset more). `tile_n` (keys per step), `num_warps`
+    and `num_stages` override the defaults, for benchmarks.
     """
     shapes = _shapes(q, k_cache, v_cache, query_start_loc)
     if shapes is None:
@@ -362,34 +392,33 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     # Partials in fp32: [seq, head, split, dim] and the log2-sum-exp of each split's scores.
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    if counters is None or counters.numel() < num_seqs * num_kv_heads:
+        counters = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=q.device)
+    assert counters.dtype == torch.int32 and counters.is_contiguous() and counters.device == q.device
     _split_kv_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse, block_tables, seq_lens, query_start_loc,
+        q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, num_splits,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=max(16, triton.next_power_of_2(group)), TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    _split_kv_reduce_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, out, seq_lens, query_start_loc, num_splits,
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, SPLITS_P=triton.next_power_of_2(num_splits), TILE_N=tile_n,
-        num_warps=4 if head_dim >= 128 else 2,
+        BLOCK_M=max(16, triton.next_power_of_2(group)), SPLITS_P=triton.next_power_of_2(num_splits),
+        TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
+        USE_PDL=use_pdl(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device),
     )
     return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float,
-                    out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, num_splits: int | None = None,
+                    counters: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged context: `[num_tokens, heads, dim]`.
 
     Decode-only batches (`max_query_len <= 1`) take the split-KV path when `num_splits` (default: from the
-    batch shape and SM count) is above 1; everything else takes the unified kernel.
+    batch shape and SM count) is above 1; everything else takes the unified kernel. `counters`: the split-KV
+    path's arrival counters (see `split_kv_decode_attention`).
     """
     if out is None:
         out = torch.empty_like(q)
@@ -398,6 +427,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             num_splits = default_num_splits(query_start_loc.shape[0] - 1, k_cache.shape[2], q.device)
         if num_splits > 1:
             return split_kv_decode_attention(q, k_cache, v_cache, out, block_tables, seq_lens,
-                                             query_start_loc, scale, num_splits)
+                                             query_start_loc, scale, num_splits, counters=counters)
     return unified_attention(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, max_query_len,
                              scale)

@@ -90,15 +90,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]; positions: [T]. On CUDA, q and k are rotated in place."""
+        """q: [T, H, D], k: [T, KVH, D]; positions: [T]. The torch path; the Triton attention backend rotates in
+        place instead, fused with its KV-cache store (`ember.kernels.store_kv.rotary_store_kv`)."""
         # q and k usually sit side by side in each row of the fused qkv output: rotating them as one tensor
-        # halves the launches (GPU) and the op calls (CPU), with the same arithmetic per element.
+        # halves the op calls, with the same arithmetic per element.
         qk = _joined_heads(q, k)
-        fused = _fused_ops(q)
-        if fused is not None:
-            for x in (q, k) if qk is None else (qk,):
-                fused.rotary_(x, positions, self.cos_cache, self.sin_cache)
-            return q, k
         if qk is None:
             return rotary_ref(positions, q, k, self.cos_cache, self.sin_cache)
         out = _apply_rotary(qk, self.cos_cache[positions].unsqueeze(1), self.sin_cache[positions].unsqueeze(1))
@@ -146,11 +142,13 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        fused = _fused_ops(gate_up)
-        if fused is not None:
-            return self.down_proj(fused.silu_mul(gate_up))
-        return self.down_proj(silu_mul_ref(gate_up))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(first half) * second half of each row (a Triton kernel on CUDA)."""
+    fused = _fused_ops(gate_up)
+    return fused.silu_mul(gate_up) if fused is not None else silu_mul_ref(gate_up)
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:

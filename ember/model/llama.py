@@ -30,8 +30,9 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        # The backend applies rotary: the Triton one fuses it into its KV-cache store.
+        o = attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary=self.rotary,
+                         positions=positions)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

@@ -41,25 +41,6 @@ from ember.kernels.store_kv import store_kv  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _patch_interpreter_index() -> None:
-    """Let the interpreter use scalar tensors as `range` bounds under numpy >= 2.4.
-
-    The interpreter holds a scalar as a 1-element array and converts it with `int(array)`, which numpy 2.4
-    made an error for arrays that are not 0-d.
-    """
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET and not torch.cuda.is_available():
-    _patch_interpreter_index()
 # Relative error bounds (‖out − ref‖ / ‖ref‖) for the whole output and for each (token, head) row.
 TOL = {torch.bfloat16: (1e-2, 3e-2), torch.float16: (2e-3, 6e-3), torch.float32: (1e-5, 1e-4)}
 
@@ -214,7 +195,7 @@ def test_paged_attention_matches_reference(cfg: Config, case: str) -> None:
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 32])
 def test_decode_paths(cfg: Config, num_splits: int) -> None:
-    """Pure decode batches through the unified kernel (1 split) and the split-KV kernel with its reduce."""
+    """Pure decode batches through the unified kernel (1 split) and the split-KV kernel."""
     _skip_interpreter_bf16(cfg.dtype)
     q_lens, seq_lens = CASES["decode"]
     b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=num_splits))
@@ -226,6 +207,57 @@ def test_decode_paths(cfg: Config, num_splits: int) -> None:
     else:
         split_kv_decode_attention(*args, scale, num_splits)
     assert_matches(out, reference(b, scale), cfg.dtype)
+
+
+# Decode batches for the split-KV path at 4 splits of 16-key tiles (segments of 32, 48, ... keys: at least two
+# tiles): contexts with one active split (<= 32 keys), several, and all four, at segment and tile edges, plus
+# padding sequences (q_len 0). Active splits per sequence: 1, 1, -, 1, 2, 2, 3, -, 4, 4.
+SPLIT_KV_EDGES = ([1, 1, 0, 1, 1, 1, 1, 0, 1, 1], [1, 16, 0, 17, 48, 64, 65, 5, 100, 128])
+
+
+def _split_kv_launch(b: Batch, scale: float, counters: torch.Tensor | None) -> torch.Tensor:
+    out = poisoned_like(b.q)
+    split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
+                              b.meta.query_start_loc, scale, 4, counters=counters, tile_n=16)
+    return out
+
+
+# The interpreter runs the programs of a launch one after another, so these check the bookkeeping (which split
+# merges, the counter reset), not the races between concurrent splits: the GPU run of the same tests does.
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_split_kv_merge_and_counter_reset(cfg: Config) -> None:
+    """The same launch twice on one counters buffer: each launch must leave its counters zero for the next."""
+    _skip_interpreter_bf16(cfg.dtype)
+    b = with_new_kv(make_batch(cfg, *SPLIT_KV_EDGES, seed=3))
+    scale = cfg.head_dim ** -0.5
+    ref = reference(b, scale)
+    used = len(SPLIT_KV_EDGES[0]) * cfg.num_kv_heads
+    # Entries past the batch's (sequence, KV head) pairs belong to nobody: a sentinel shows they stay untouched.
+    counters = torch.zeros(used + 8, dtype=torch.int32, device=DEVICE)
+    counters[used:] = 7
+    for _ in range(2):
+        assert_matches(_split_kv_launch(b, scale, counters), ref, cfg.dtype)
+        assert counters[:used].eq(0).all() and counters[used:].eq(7).all()
+    # A buffer too small for the batch is not used: the launch zeroes its own.
+    small = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    assert_matches(_split_kv_launch(b, scale, small), ref, cfg.dtype)
+
+
+def test_split_kv_persistent_counters() -> None:
+    """One counters buffer across launches whose context lengths change, as across CUDA-graph replays."""
+    cfg = Config(torch.float32 if INTERPRET else torch.bfloat16, 64, 4, 16)
+    rng = random.Random(0)
+    counters = torch.zeros(1 << 10, dtype=torch.int32, device=DEVICE)
+    lens = [1, 15, 16, 17, 32, 33, 48, 63, 64, 65, 96, 97, 128, 200]
+    for step in range(6 if INTERPRET else 50):  # on a GPU, more chances for a race to show
+        seq_lens = [rng.choice(lens) for _ in range(4)]
+        q_lens = [1] * 4
+        q_lens[step % 4] = 0  # a padding sequence in a different slot each time
+        seq_lens[step % 4] = 0
+        b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=step))
+        scale = cfg.head_dim ** -0.5
+        assert_matches(_split_kv_launch(b, scale, counters), reference(b, scale), cfg.dtype)
+        assert counters.eq(0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -330,6 +362,8 @@ def test_decode_is_cuda_graph_capturable(num_seqs: int) -> None:
     seq_lens = first.meta.seq_lens.clone()
     qsl = first.meta.query_start_loc.clone()
     scale = cfg.head_dim ** -0.5
+    # Split-KV arrival counters made before the capture and kept across replays, as TritonAttention does.
+    counters = torch.zeros(1 << 16, dtype=torch.int32, device=DEVICE)
 
     def load(b: Batch) -> None:
         q.copy_(b.q)
@@ -342,7 +376,7 @@ def test_decode_is_cuda_graph_capturable(num_seqs: int) -> None:
         seq_lens.copy_(b.meta.seq_lens)
 
     def step() -> torch.Tensor:
-        return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1, scale)
+        return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1, scale, counters=counters)
 
     load(first)
     stream = torch.cuda.Stream()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from ember.attention.torch_ref import store_kv as store_kv_ref
 from ember.model.layers import RotaryEmbedding, rms_norm_ref, rotary_ref, silu_mul_ref
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# With `TRITON_INTERPRET=1` the rotary/KV-store test also runs on the CPU (the others need CUDA).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET),
+                                reason="needs CUDA (or TRITON_INTERPRET=1)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 DTYPES = [torch.bfloat16, torch.float32]
 
@@ -20,6 +28,7 @@ def tol(dtype: torch.dtype) -> float:
     return 2e-2 if dtype == torch.bfloat16 else 1e-5
 
 
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,cols", [(1, 576), (7, 4096), (300, 1000), (8192, 4096)])
 @pytest.mark.parametrize("with_residual", [False, True])
@@ -38,33 +47,44 @@ def test_rms_norm(dtype, rows, cols, with_residual):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t", [1, 37])
+@pytest.mark.parametrize("t", [1, 37, 300])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 128), (4, 4, 64)])
-@pytest.mark.parametrize("path", ["kernel", "module"])
-def test_rotary_in_place_on_fused_qkv_views(dtype, t, heads, kv_heads, head_dim, path):
-    """`kernel`: rotary_ on q and on k, strided views of the qkv output; `module`: the model's path, where
-    RotaryEmbedding rotates q and k (adjacent in each row) as one [t, heads + kv_heads, dim] view."""
-    from ember.kernels.fused import rotary_
+def test_rotary_store_kv_matches_torch(dtype, t, heads, kv_heads, head_dim):
+    """One launch rotates q and k (strided views of the qkv output) in place and stores k and v in the cache,
+    as `rotary_ref` then `torch_ref.store_kv` do. Unwritten slots hold NaN and must stay NaN."""
+    from ember.kernels.store_kv import rotary_store_kv
 
+    gen = torch.Generator().manual_seed(t * 100 + heads)
     rot = RotaryEmbedding(head_dim, 4096, 500000.0, {"factor": 8.0, "low_freq_factor": 1.0,
                                                       "high_freq_factor": 4.0,
                                                       "original_max_position_embeddings": 1024})
-    rot.build_cache(torch.device("cuda"))
-    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
-    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim)
-    pos = torch.randint(0, 4096, (t,), device="cuda")
+    rot.build_cache(DEVICE)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(t, -1, head_dim) for x in (q, k, v))
+    pos = torch.randint(0, 4096, (t,), generator=gen).to(DEVICE)
+    block_size, num_blocks = 16, t // 16 + 3
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:t]
+    slots[::7] = -1  # padding tokens
+    slots = slots.to(DEVICE)
+    kc = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
+    vc = kc.clone()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
     ref_q, ref_k = rotary_ref(pos, q.clone(), k.clone(), rot.cos_cache, rot.sin_cache)
-    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
-    if path == "kernel":
-        rotary_(q, pos, rot.cos_cache, rot.sin_cache)
-        rotary_(k, pos, rot.cos_cache, rot.sin_cache)
-    else:
-        q, k = rot(pos, q, k)
+    store_kv_ref(ref_k, v, kc_ref, vc_ref, slots)
+    v_before = v.clone()
+
+    rotary_store_kv(q, k, v, kc, vc, slots, pos, rot.cos_cache, rot.sin_cache)
     assert rel_err(q, ref_q) < tol(dtype) and rel_err(k, ref_k) < tol(dtype)
-    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
+    assert torch.equal(v, v_before)
+    assert torch.equal(kc.isnan(), kc_ref.isnan()) and rel_err(kc.nan_to_num(), kc_ref.nan_to_num()) < tol(dtype)
+    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0, equal_nan=True)
+    # The cache holds exactly the k rows rotated in place.
+    keep = slots >= 0
+    assert torch.equal(kc.view(-1, kv_heads, head_dim)[slots[keep]], k[keep])
 
 
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,inter", [(1, 1536), (5, 14336), (1000, 3000)])
 def test_silu_mul(dtype, rows, inter):

@@ -1,0 +1,53 @@
+"""Programmatic dependent launch (Hopper and later): a kernel starts while the one before it finishes.
+
+Each decode step is a chain of a few hundred short kernels; between two of them the GPU drains the first
+grid's last blocks and then launches the next, a few microseconds with little memory traffic each time. With
+PDL the next kernel's blocks launch as soon as every block of the current one has called
+`griddepcontrol.launch_dependents` (`pdl_release`, placed after a kernel's last loads, so the next kernel's
+waiting blocks do not take SM slots from this one's remaining work); they may load what does not depend on the
+current kernel (weights), then `griddepcontrol.wait` (`pdl_wait`) until it has completed and its writes are
+visible.
+
+The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
+all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
+still reading).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# `EMBER_PDL=0` launches every kernel the ordinary way: the baseline when measuring what PDL saves.
+PDL_ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with PDL (never under the CPU interpreter)."""
+    if not PDL_ENABLED or device.type != "cuda":
+        return False
+    return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Wait until the kernel before this one has completed and its writes are visible."""
+    if USE_PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_release(USE_PDL: tl.constexpr):
+    """Let the next kernel launch once every block of this one has got here."""
+    if USE_PDL:
+        gdc_launch_dependents()
