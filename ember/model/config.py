@@ -18,6 +18,90 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+# What ember loads of compressed-tensors: 8-bit float weights with one scale per tensor or per output row.
+_FP8_FORMATS = ("float-quantized", "naive-quantized")  # the same storage: float8_e4m3fn weight + fp32 weight_scale
+_FP8_WEIGHT_STRATEGIES = ("tensor", "channel")
+_SUPPORTED_QUANTIZATION = ("ember loads unquantized checkpoints and FP8 ones in the compressed-tensors format "
+                           "(8-bit float weights, per-tensor or per-channel scales, as in "
+                           "RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8)")
+
+
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """One compressed-tensors config group: how its weights are scaled, and how an FP8 matmul would quantize its
+    inputs (a calibrated `input_scale`, or scales computed per token at run time; None: weight-only FP8)."""
+
+    weight_strategy: str  # "tensor": one scale per matrix | "channel": one per output row
+    input_strategy: str | None = None  # "tensor" | "token"
+    input_dynamic: bool = False
+
+    def describe(self) -> str:
+        weights = f"per-{self.weight_strategy} weight scales"
+        if self.input_strategy is None:
+            return weights + ", unquantized activations"
+        kind = "dynamic" if self.input_dynamic else "static"
+        return f"{weights}, {kind} per-{self.input_strategy} activation scales"
+
+
+def _unsupported_quantization(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"unsupported quantization: {what}; {_SUPPORTED_QUANTIZATION}")
+
+
+def fp8_schemes(qcfg: dict[str, Any] | None) -> tuple[Fp8Scheme, ...]:
+    """The FP8 schemes of a config.json `quantization_config` (empty: not quantized); refuse what ember cannot
+    load. Read from the config, so a checkpoint ember cannot run fails before any weight is read."""
+    if not qcfg:
+        return ()
+    method = qcfg.get("quant_method")
+    if method != "compressed-tensors":
+        raise _unsupported_quantization(f"quant_method {method!r}")
+    if qcfg.get("kv_cache_scheme"):  # k_scale/v_scale for an FP8 KV cache, which ember does not have
+        raise _unsupported_quantization("an FP8 KV cache (kv_cache_scheme)")
+    if qcfg.get("transform_config"):  # rotations that the model code would have to apply at run time
+        raise _unsupported_quantization("compressed-tensors transforms (transform_config)")
+    sparsity = qcfg.get("sparsity_config")
+    if sparsity and sparsity.get("format", "dense") != "dense":
+        raise _unsupported_quantization(f"sparse weights ({sparsity.get('format')!r})")
+    groups = qcfg.get("config_groups") or {}
+    if not groups:
+        raise _unsupported_quantization("compressed-tensors without config_groups")
+    return tuple(_fp8_group(name, group, qcfg.get("format")) for name, group in groups.items())
+
+
+def _fp8_group(name: str, group: dict[str, Any], default_format: str | None) -> Fp8Scheme:
+    fmt = group.get("format") or default_format
+    if fmt not in _FP8_FORMATS:
+        raise _unsupported_quantization(f"compressed-tensors format {fmt!r} ({name})")
+    w = group.get("weights") or {}
+    bits, kind, strategy = w.get("num_bits", 8), w.get("type", "int"), _strategy(w)
+    if (bits, kind) != (8, "float"):
+        raise _unsupported_quantization(f"{bits}-bit {kind} weights ({name})")
+    if strategy not in _FP8_WEIGHT_STRATEGIES:
+        raise _unsupported_quantization(f"FP8 weight strategy {strategy!r} ({name}); supported: "
+                                        f"{', '.join(_FP8_WEIGHT_STRATEGIES)}")
+    if not w.get("symmetric", True) or w.get("dynamic", False):
+        raise _unsupported_quantization(f"asymmetric or dynamic FP8 weights ({name})")
+    if group.get("output_activations"):
+        raise _unsupported_quantization(f"quantized output activations ({name})")
+    a = group.get("input_activations")
+    if not a:
+        return Fp8Scheme(strategy)
+    a_strategy, dynamic = _strategy(a), a.get("dynamic", False)
+    static_tensor = dynamic is False and a_strategy == "tensor" and a.get("symmetric", True)
+    dynamic_ok = dynamic is True and a_strategy in ("tensor", "token")
+    if (a.get("num_bits", 8), a.get("type", "int")) != (8, "float") or not (static_tensor or dynamic_ok):
+        raise _unsupported_quantization(
+            f"input activations {a.get('num_bits', 8)}-bit {a.get('type', 'int')}, strategy {a_strategy!r}, "
+            f"dynamic {dynamic!r} ({name}); supported: FP8, static per-tensor or dynamic per-token")
+    return Fp8Scheme(strategy, a_strategy, dynamic is True)
+
+
+def _strategy(args: dict[str, Any]) -> str:
+    # compressed-tensors' defaults for fields a config leaves out (as its other defaults above: 8-bit int,
+    # symmetric, static): per-group with a group size, else per-tensor.
+    return args.get("strategy") or ("group" if args.get("group_size") else "tensor")
+
+
 @dataclass
 class ModelArchConfig:
     model_type: str
@@ -38,7 +122,8 @@ class ModelArchConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     sliding_window: int | None = None
     torch_dtype: str | None = None
-    quantization_config: dict[str, Any] | None = None
+    # One per compressed-tensors config group; empty for an unquantized checkpoint.
+    quantization: tuple[Fp8Scheme, ...] = ()
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelArchConfig:
@@ -91,5 +176,5 @@ class ModelArchConfig:
             eos_token_ids=eos_ids,
             sliding_window=window,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-            quantization_config=cfg.get("quantization_config"),
+            quantization=fp8_schemes(cfg.get("quantization_config")),
         )

@@ -251,16 +251,73 @@ def iter_gguf_weights(reader: Any, arch: ModelArchConfig) -> Iterator[tuple[str,
         yield name, torch.from_numpy(np.array(w, dtype=np.float32))
 
 
-def iter_safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _safetensors_files(path: Path) -> list[str]:
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise ModelNotFoundError(f"no *.safetensors files in {path}")
-    for f in files:
+    return files
+
+
+def iter_safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in _safetensors_files(path):
         with safe_open(f, framework="pt", device="cpu") as st:
             for name in st.keys():
                 yield name, st.get_tensor(name)
+
+
+# ------------------------------------------------------------------------------------ FP8 (compressed-tensors)
+def read_weight_scales(path: Path) -> dict[str, torch.Tensor]:
+    """Every `*.weight_scale` of a checkpoint, from all its shards. They are small (a scalar or one value per
+    output row), so reading them first lets each FP8 weight be dequantized as soon as it is read, whichever shard
+    its scale sits in, instead of holding weights back until their scales turn up."""
+    from safetensors import safe_open
+
+    scales: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(path):
+        with safe_open(f, framework="pt", device="cpu") as st:
+            scales.update((n, st.get_tensor(n)) for n in st.keys() if n.endswith(".weight_scale"))
+    return scales
+
+
+def dequantize_fp8(weights: Iterator[tuple[str, torch.Tensor]], scales: dict[str, torch.Tensor],
+                   dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Turn each float8_e4m3fn `X.weight` into `X.weight.float() * X.weight_scale` in `dtype`; pass the other
+    tensors (lm_head, embeddings, norms) through. Each checkpoint projection is dequantized on its own, before
+    load_weights fuses q/k/v and gate/up: their per-tensor scales differ."""
+    used: set[str] = set()
+    for name, tensor in weights:
+        if name.endswith(".weight_scale"):
+            continue  # read ahead by read_weight_scales
+        if name.endswith(".input_scale"):
+            # The calibrated scale of a Linear's input (static activation quantization): only an FP8 matmul
+            # needs it, to quantize the activations; a dequantized weight multiplies them as they are.
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:
+            scale_name = name + "_scale"
+            if scale_name not in scales:
+                raise ValueError(f"FP8 tensor {name!r} has no {scale_name!r} in the checkpoint")
+            tensor = _dequantize(name, tensor, scales[scale_name], dtype, device)
+            used.add(scale_name)
+        yield name, tensor
+    stray = sorted(set(scales) - used)
+    if stray:
+        raise ValueError(f"checkpoint has {len(stray)} weight scales without an FP8 weight, e.g. {stray[:3]}")
+
+
+def _dequantize(name: str, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    rows = weight.shape[0]
+    if scale.numel() == 1:  # per tensor: a scalar, or shape [1] in older checkpoints
+        scale = scale.reshape(())
+    elif weight.dim() == 2 and tuple(scale.shape) in ((rows, 1), (rows,)):  # per output channel
+        scale = scale.reshape(rows, 1)
+    else:
+        raise ValueError(f"{name}: weight_scale of shape {tuple(scale.shape)} is neither per-tensor nor "
+                         f"per-channel for a weight of shape {tuple(weight.shape)}")
+    # On the model's device: half the bytes of a bf16 weight to copy there, and the GPU does the arithmetic.
+    return (weight.to(device).float() * scale.to(device, torch.float32)).to(dtype)
 
 
 def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
@@ -291,7 +348,12 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
         if target not in params:
             if target == "lm_head.weight" and arch.tie_word_embeddings:
                 continue
-            raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            hint = ": a quantization scale, but config.json declares no quantization" if name.endswith("_scale") else ""
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model{hint}")
+        if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
+            # Copying would cast the FP8 values without their scales: a model of wrong weights, silently.
+            raise ValueError(f"checkpoint tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, but "
+                             "config.json declares no FP8 quantization (a compressed-tensors quantization_config)")
         p = params[target]
         dst = p.data if shard is None else p.data.narrow(0, *offsets[shard])
         if tuple(dst.shape) != tuple(tensor.shape):
@@ -361,5 +423,11 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
             _write_gguf_cache(model, source)
     else:
         assert source.weights_dir is not None
-        load_weights(model, iter_safetensors_weights(source.weights_dir), None)
+        weights = iter_safetensors_weights(source.weights_dir)
+        if arch.quantization:
+            weights = dequantize_fp8(weights, read_weight_scales(source.weights_dir), dtype, device)
+        load_weights(model, weights, None)
+        if arch.quantization:
+            logger.info("FP8 checkpoint (compressed-tensors: %s): weights dequantized to %s at load",
+                        "; ".join(sorted({s.describe() for s in arch.quantization})), str(dtype).removeprefix("torch."))
     return model.eval()
