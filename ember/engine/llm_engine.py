@@ -306,12 +306,12 @@ class LLMEngine:
         Sampled tokens then trail by one step; a chunk that samples nothing reports in its own step, as it
         would synchronously.
         """
-        sched = self.scheduler.schedule()
+        # A sequence whose pending token is certainly its last (by length) needs no further step: skipped before
+        # the scheduler gives it a block, which could cost another sequence a preemption. (Waiting sequences
+        # have no pending token: one preempted with it is not readmitted before the next read-back.)
+        sched = self.scheduler.schedule(skip=self._ends_with_pending if self._inflight is not None else None)
         touched: dict[str, Request] = {r.request_id: r for r in self._finished_unreported}
         self._finished_unreported = []
-        if self._inflight is not None and sched.scheduled:
-            # A sequence whose pending token is certainly its last (by length) needs no further step.
-            sched.scheduled = [i for i in sched.scheduled if not self._ends_with_pending(i.seq)]
         overlap = self._can_overlap(sched)
         if self._inflight is not None and not overlap:
             self._resolve(touched)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember.engine.block_manager import BlockManager
@@ -57,16 +58,26 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, skip: Callable[[Sequence], bool] | None = None) -> SchedulerOutput:
+        """`skip`: running sequences that get no step (nor a block for one) this time: those whose token still on
+        the device is certainly their last. They free their blocks when it is read back, so while there are any,
+        a sequence that finds no free block waits a step instead of preempting another."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         kept: list[Sequence] = []
         queue = list(self.running)
+        finishing = skip is not None and any(skip(s) for s in queue)
         # Running sequences, oldest first; the newest are preempted when blocks run out.
         while queue and budget > 0:
             seq = queue.pop(0)
+            if skip is not None and skip(seq):
+                kept.append(seq)
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if n == 0:  # nothing to compute (cannot happen while every step samples; kept safe)
+                kept.append(seq)
+                continue
+            if finishing and not self.bm.can_allocate(seq, n):
                 kept.append(seq)
                 continue
             while not self.bm.allocate(seq, n):

@@ -368,3 +368,24 @@ def test_pending_token_inside_a_recompute_chunk(make_llm, prefix_caching):
     ref = make_llm(async_scheduling=False).generate(prompt_token_ids=prompts, sampling_params=sp)
     assert [finished[f"r{i}"].outputs[0].token_ids for i in range(4)] == [o.outputs[0].token_ids for o in ref]
     _assert_no_leak(llm)
+
+
+def test_last_pending_token_takes_no_block(make_llm):
+    """A sequence whose pending token is certainly its last (max_tokens 1 here, after a queued prefill) is not
+    scheduled again: the block it would get cannot cost another sequence a preemption (4 blocks of 4 tokens,
+    two 8-token prompts)."""
+    prompts = [list(range(10, 18)), list(range(30, 38))]
+    params = [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)]
+    results = {}
+    for mode in (False, True):
+        llm = make_llm(async_scheduling=mode, block_size=4, num_gpu_blocks_override=4, max_num_batched_tokens=16,
+                       enable_prefix_caching=False)
+        eng = llm.engine
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            eng.add_request(f"r{i}", None, p, sp)
+        finished = _run_to_end(eng)
+        results[mode] = {k: o.outputs[0].token_ids for k, o in finished.items()}
+        assert eng.scheduler.num_preemptions == 0
+        _assert_no_leak(llm)
+    assert results[True] == results[False]
