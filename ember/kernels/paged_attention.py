@@ -214,7 +214,7 @@ def _split_kv_decode_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     seg_len = _segment_len(seq_len, num_splits, TILE_N)
-    # The splits with keys: short contexts leave the trailing ones empty (seg_len is 0 only for seq_len 0).
+    # The splits with keys: short contexts leave the trailing ones empty (seg_len is at least two tiles).
     active = tl.cdiv(seq_len, tl.maximum(seg_len, 1))
     kv_start = split * seg_len
     # Split 0 of an empty context (seq_len 0, q_len 1) still runs, to write zeros as the unified kernel does.

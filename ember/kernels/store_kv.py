@@ -93,8 +93,9 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, k_cache: t
     if not rotary:  # the kernel does not read them: any tensor will do
         q, positions, cos_cache, sin_cache = k, slot_mapping, k, k
     # Rows are addressed with unit stride along the head dim; q/k/v split out of a fused projection keep it.
-    for x in (q, k, v, k_cache, v_cache, cos_cache):
+    for x in (q, k, v, k_cache, v_cache, cos_cache, sin_cache):
         assert x.stride(-1) == 1, "rows must be contiguous"
+    assert sin_cache.stride(0) == cos_cache.stride(0), "cos and sin tables are addressed with one row stride"
     assert head_dim % 2 == 0
     group = q.shape[1] // num_kv_heads
     group_p = triton.next_power_of_2(group) if rotary else 1
