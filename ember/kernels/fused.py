@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_release, pdl_wait, use_pdl
+from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
 
 
 @triton.jit
@@ -47,8 +47,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if n_rows:
         _rms_norm_kernel[(n_rows,)](x, res, weight, out, res_out, n_cols, x.stride(0), res.stride(0),
                                     out.stride(0), res_out.stride(0), eps, HAS_RES=residual is not None,
-                                    BLOCK=block, USE_PDL=use_pdl(x.device), num_warps=8 if block >= 4096 else 4,
-                                    launch_pdl=use_pdl(x.device))
+                                    BLOCK=block, num_warps=8 if block >= 4096 else 4,
+                                    **pdl_launch_args(x.device))
     return out if residual is None else (out, res_out)
 
 
@@ -74,6 +74,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if n_rows:
         _silu_mul_kernel[(n_rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
                                                               out.stride(0), BLOCK=block,
-                                                              USE_PDL=use_pdl(out.device),
-                                                              launch_pdl=use_pdl(out.device))
+                                                              **pdl_launch_args(out.device))
     return out

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_release, pdl_wait, use_pdl
+from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -365,7 +365,7 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
-        USE_PDL=use_pdl(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args(q.device),
     )
     return out
 
@@ -405,7 +405,7 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=max(16, triton.next_power_of_2(group)), SPLITS_P=triton.next_power_of_2(num_splits),
         TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
-        USE_PDL=use_pdl(q.device), num_warps=num_warps, num_stages=num_stages, launch_pdl=use_pdl(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args(q.device),
     )
     return out
 

@@ -39,6 +39,12 @@ def use_pdl(device: torch.device) -> bool:
     return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def pdl_launch_args(device: torch.device) -> dict[str, bool]:
+    """The launch keywords of a kernel that takes `USE_PDL`: the constexpr and the launch attribute agree."""
+    pdl = use_pdl(device)
+    return {"USE_PDL": pdl, "launch_pdl": pdl}
+
+
 @triton.jit
 def pdl_wait(USE_PDL: tl.constexpr):
     """Wait until the kernel before this one has completed and its writes are visible."""

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_release, pdl_wait, use_pdl
+from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
 
 
 @triton.jit
@@ -110,6 +110,6 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, k_cache: t
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos_cache.stride(0),
         BLOCK_SIZE=k_cache.shape[1], HALF=half, HALF_P=triton.next_power_of_2(half), GROUP_P=group_p,
-        ROTARY=rotary, USE_PDL=use_pdl(k.device),
-        num_warps=min(4, max(1, group_p * triton.next_power_of_2(half) // 256)), launch_pdl=use_pdl(k.device),
+        ROTARY=rotary, num_warps=min(4, max(1, group_p * triton.next_power_of_2(half) // 256)),
+        **pdl_launch_args(k.device),
     )
