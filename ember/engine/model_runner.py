@@ -83,15 +83,17 @@ class PendingInputs:
             return None
         assert prev is not None, "a pending token without the step that samples it"
         src = {s.seq_id: j for j, s in enumerate(prev.seqs)}
-        return cls(prev.tokens, _device_index(rows, device), _device_index([src[s.seq_id] for s in owners], device))
+        return cls(prev.tokens, _to_device(rows, torch.long, device),
+                   _to_device([src[s.seq_id] for s in owners], torch.long, device))
 
     def apply(self, input_ids: torch.Tensor) -> None:
         input_ids.index_copy_(0, self.rows, self.tokens.index_select(0, self.src))
 
 
-def _device_index(rows: list[int], device: torch.device) -> torch.Tensor:
-    # non_blocking: a blocking copy would wait for the queued GPU work that async scheduling overlaps.
-    return torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+def _to_device(data: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A non-blocking copy from pageable memory: staged at once, without waiting for the queued GPU work that
+    # async scheduling overlaps (pinning a fresh host buffer each step costs more than it saves).
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
 
 
 def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
@@ -113,9 +115,7 @@ class ModelRunner:
         self._pinned: list[torch.Tensor] = []
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
-        # A non-blocking copy from pageable memory: staged at once, without waiting for queued GPU work
-        # (pinning a fresh host buffer each step costs more than it saves).
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+        return _to_device(data, dtype, self.device)
 
     def prepare(self, sched: SchedulerOutput, prev: InflightStep | None = None) -> StepInputs:
         bs = self.block_size
