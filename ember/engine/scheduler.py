@@ -66,11 +66,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         kept: list[Sequence] = []
         queue = list(self.running)
-        finishing = skip is not None and any(skip(s) for s in queue)
+        finishing = {s.seq_id for s in queue if skip(s)} if skip is not None else set()
         # Running sequences, oldest first; the newest are preempted when blocks run out.
         while queue and budget > 0:
             seq = queue.pop(0)
-            if skip is not None and skip(seq):
+            if seq.seq_id in finishing:
                 kept.append(seq)
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
