@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from ember.bench.offline import random_prompts
-from ember.bench.profiling import kernel_family
+from ember.bench.profiling import kernel_family, kernel_times
 from ember.bench.roofline import measure_bandwidth, weight_bytes_per_step
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
@@ -70,13 +70,10 @@ def main() -> None:
         torch.cuda.synchronize()
     per_fam: dict[str, float] = defaultdict(float)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for evt in prof.key_averages():
-        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        if dev_us <= 0 or evt.key.startswith(("cudaGraph", "cudaDevice", "cudaStream")):
-            continue
-        per_fam[kernel_family(evt.key)] += dev_us / args.steps
-        kernels[evt.key][0] += dev_us / args.steps
-        kernels[evt.key][1] += evt.count / args.steps
+    for name, (dev_us, count) in kernel_times(prof).items():
+        per_fam[kernel_family(name)] += dev_us / args.steps
+        kernels[name][0] += dev_us / args.steps
+        kernels[name][1] += count / args.steps
 
 
     copy_bw = measure_bandwidth(eng.device)

@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from ember.bench.offline import random_prompts
-from ember.bench.profiling import kernel_family
+from ember.bench.profiling import kernel_family, kernel_times
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
@@ -71,12 +71,9 @@ def main() -> None:
     eng.scheduler.schedule = orig_schedule
     fams: dict[str, float] = defaultdict(float)
     kernels: dict[str, float] = defaultdict(float)
-    for evt in prof.key_averages():
-        dev_us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
-        if dev_us <= 0 or evt.key.startswith("ProfilerStep"):
-            continue
-        fams[kernel_family(evt.key)] += dev_us
-        kernels[evt.key] += dev_us
+    for name, (dev_us, _) in kernel_times(prof).items():
+        fams[kernel_family(name)] += dev_us
+        kernels[name] += dev_us
     while eng.has_unfinished_requests():
         eng.step()
     total = time.perf_counter() - t0

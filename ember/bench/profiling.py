@@ -16,3 +16,16 @@ def kernel_family(name: str) -> str:
         if any(k in low for k in keys):
             return fam
     return "other"
+
+
+def kernel_times(prof) -> dict[str, tuple[float, int]]:  # noqa: ANN001 - a torch.profiler.profile
+    """Device microseconds and calls of each kernel name in a finished profile. Host-side events that carry
+    their kernels' device time too (graph launches, runtime calls, profiler steps) are left out, so nothing
+    is counted twice."""
+    out: dict[str, tuple[float, int]] = {}
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
+        if dev_us <= 0 or evt.key.startswith(("cudaGraph", "cudaDevice", "cudaStream", "ProfilerStep")):
+            continue
+        out[evt.key] = (dev_us, evt.count)
+    return out
