@@ -4,9 +4,9 @@ Each decode step is a chain of a few hundred short kernels; between two of them 
 grid's last blocks and then launches the next, a few microseconds with little memory traffic each time. With
 PDL the next kernel's blocks launch as soon as every block of the current one has called
 `griddepcontrol.launch_dependents` (`pdl_release`, placed after a kernel's last loads, so the next kernel's
-waiting blocks do not take SM slots from this one's remaining work); they may load what does not depend on the
-current kernel (weights), then `griddepcontrol.wait` (`pdl_wait`) until it has completed and its writes are
-visible.
+waiting blocks do not take SM slots from this one's remaining work); they start with `griddepcontrol.wait`
+(`pdl_wait`) until it has completed and its writes are visible. What is saved is the launch and ramp-up gap
+between two kernels.
 
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
