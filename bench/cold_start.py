@@ -1,6 +1,8 @@
 """Cold start: launch `ember serve`, time /health 200 and the first streamed token, from process start.
 
-    python bench/cold_start.py MODEL_DIR [--enforce-eager] [-- extra serve flags]
+    python bench/cold_start.py MODEL_DIR [--log FILE] [--enforce-eager] [extra serve flags]
+
+--log FILE keeps the server's whole log (timestamped lines), to see where the seconds between phases went.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import httpx
 
 
 def main() -> None:
-    model, extra = sys.argv[1], sys.argv[2:]
+    args = sys.argv[1:]
+    log_file = None
+    if "--log" in args:
+        i = args.index("--log")
+        log_file = args[i + 1]
+        del args[i:i + 2]
+    model, extra = args[0], args[1:]
     port = 8017
     cmd = [sys.executable, "-m", "ember", "serve", model, "--port", str(port), *extra]
     t0 = time.perf_counter()
@@ -42,6 +50,9 @@ def main() -> None:
         out, _ = proc.communicate(timeout=30)
     phases = [line for line in out.splitlines()
               if "engine ready" in line or "ember ready" in line or "process start to serve" in line]
+    if log_file:
+        with open(log_file, "w") as f:
+            f.write(out)
     print(json.dumps({"cmd": " ".join(cmd[2:]), "health_s": health, "first_token_s": first}))
     print("\n".join(phases))
 
