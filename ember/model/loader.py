@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ember.config import EMBEDDED_MODEL, EngineConfig
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
+from ember.model.safetensors_io import TensorRecord, read_header, read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -332,43 +333,80 @@ def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
             p.data.uniform_(-0.02, 0.02, generator=gen)
 
 
-def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], total: int | None) -> None:
-    """Copy each checkpoint tensor straight into its (slice of a) final parameter, one tensor at a time."""
-    arch = model.config
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    offsets = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv),
-               "gate": (0, arch.intermediate_size), "up": (arch.intermediate_size, arch.intermediate_size)}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded: set[str] = set()
-    for name, tensor in tqdm(weights, total=total, desc="loading weights", unit="tensor", leave=False,
-                             disable=None):
+class WeightPlacer:
+    """Where each checkpoint tensor goes in the model (a parameter, or the q/k/v or gate/up slice of a fused one),
+    and whether every parameter has been given its values."""
+
+    def __init__(self, model: LlamaForCausalLM) -> None:
+        arch = self.arch = model.config
+        q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+        self.offsets = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv),
+                        "gate": (0, arch.intermediate_size), "up": (arch.intermediate_size, arch.intermediate_size)}
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.loaded: set[str] = set()
+
+    def destination(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The tensor that takes checkpoint tensor `name` (None: not loaded); counts it as loaded."""
         if "rotary_emb.inv_freq" in name:
-            continue
+            return None
         target, shard = _shard_target(name)
-        if target not in params:
-            if target == "lm_head.weight" and arch.tie_word_embeddings:
-                continue
+        if target not in self.params:
+            if target == "lm_head.weight" and self.arch.tie_word_embeddings:
+                return None
             hint = ": a quantization scale, but config.json declares no quantization" if name.endswith("_scale") else ""
             raise ValueError(f"checkpoint tensor {name!r} has no place in the model{hint}")
-        if tensor.dtype.is_floating_point and tensor.dtype.itemsize == 1:
+        if dtype.is_floating_point and dtype.itemsize == 1:
             # Copying would cast the FP8 values without their scales: a model of wrong weights, silently.
-            raise ValueError(f"checkpoint tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, but "
+            raise ValueError(f"checkpoint tensor {name!r} is {str(dtype).removeprefix('torch.')}, but "
                              "config.json declares no FP8 quantization (a compressed-tensors quantization_config)")
-        p = params[target]
-        dst = p.data if shard is None else p.data.narrow(0, *offsets[shard])
-        if tuple(dst.shape) != tuple(tensor.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
-        dst.copy_(tensor)
+        p = self.params[target]
+        dst = p.data if shard is None else p.data.narrow(0, *self.offsets[shard])
+        if tuple(dst.shape) != tuple(shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(shape)} != model {tuple(dst.shape)}")
         # A fused tensor saved by ember itself fills every shard at once.
-        loaded.update(f"{target}:{s}" for s in ((shard,) if shard else _expected_shards(target)))
-    expected = {f"{n}:{s}" for n in params for s in _expected_shards(n)}
-    if arch.tie_word_embeddings:
-        expected.discard("lm_head.weight:None")
-        if "lm_head.weight:None" in loaded:
-            loaded.discard("lm_head.weight:None")
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        self.loaded.update(f"{target}:{s}" for s in ((shard,) if shard else _expected_shards(target)))
+        return dst
+
+    def check_complete(self) -> None:
+        expected = {f"{n}:{s}" for n in self.params for s in _expected_shards(n)}
+        if self.arch.tie_word_embeddings:
+            expected.discard("lm_head.weight:None")
+            self.loaded.discard("lm_head.weight:None")
+        missing = sorted(expected - self.loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+
+def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], total: int | None) -> None:
+    """Copy each checkpoint tensor straight into its (slice of a) final parameter, one tensor at a time."""
+    placer = WeightPlacer(model)
+    for name, tensor in tqdm(weights, total=total, desc="loading weights", unit="tensor", leave=False,
+                             disable=None):
+        dst = placer.destination(name, tuple(tensor.shape), tensor.dtype)
+        if dst is not None:
+            dst.copy_(tensor)
+    placer.check_complete()
+
+
+def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
+    """Read a checkpoint directory's tensors into place: those already in the model's dtype byte for byte, many
+    reads at once (`safetensors_io`); any other (an fp32 checkpoint into a bf16 model) through a cast."""
+    placer = WeightPlacer(model)
+    direct: list[tuple[TensorRecord, torch.Tensor]] = []
+    cast: list[tuple[TensorRecord, torch.Tensor]] = []
+    for rec in (r for f in _safetensors_files(path) for r in read_header(f)):
+        dst = placer.destination(rec.name, rec.shape, rec.dtype)
+        if dst is not None:
+            (direct if dst.dtype == rec.dtype and dst.is_contiguous() else cast).append((rec, dst))
+    placer.check_complete()  # before reading 16 GB, not after
+    read_tensors(direct)
+    if cast:
+        from safetensors import safe_open
+
+        for f in sorted({rec.path for rec, _ in cast}):
+            with safe_open(f, framework="pt", device="cpu") as st:
+                for rec, dst in (c for c in cast if c[0].path == f):
+                    dst.copy_(st.get_tensor(rec.name))
 
 
 def _expected_shards(name: str) -> tuple[str | None, ...]:
@@ -423,11 +461,12 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
             _write_gguf_cache(model, source)
     else:
         assert source.weights_dir is not None
-        weights = iter_safetensors_weights(source.weights_dir)
-        if arch.quantization:
-            weights = dequantize_fp8(weights, read_weight_scales(source.weights_dir), dtype, device)
-        load_weights(model, weights, None)
-        if arch.quantization:
+        if not arch.quantization:
+            load_safetensors(model, source.weights_dir)
+        else:
+            weights = dequantize_fp8(iter_safetensors_weights(source.weights_dir),
+                                     read_weight_scales(source.weights_dir), dtype, device)
+            load_weights(model, weights, None)
             logger.info("FP8 checkpoint (compressed-tensors: %s): weights dequantized to %s at load",
                         "; ".join(sorted({s.describe() for s in arch.quantization})), str(dtype).removeprefix("torch."))
     return model.eval()
