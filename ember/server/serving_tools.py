@@ -9,7 +9,6 @@ off the event loop (a large schema takes milliseconds, the first one also conver
 from __future__ import annotations
 
 import asyncio
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,6 @@ from ember.structured import (
     plan_tools,
 )
 from ember.structured.chat_template import detect_tool_parser, tool_template_for
-from ember.structured.llguidance_backend import ll_tokenizer
 from ember.structured.tool_parsers import TOOL_PARSERS, ExtractedToolCalls, StreamDelta, ToolStreamer
 from ember.tokenizer import Tokenizer
 
@@ -84,8 +82,6 @@ class StructuredServing:
         if tool_call_parser == "auto":
             tool_call_parser = detect_tool_parser(model_template if self.tool_template is None else self.tool_template)
         self.tool_parser = tool_call_parser
-        # Converting the tokenizer for llguidance takes ~0.5 s: do it now, not in the first request.
-        threading.Thread(target=ll_tokenizer, args=(tokenizer,), daemon=True, name="llguidance-tokenizer").start()
 
     async def constraint(self, req: SamplingFields) -> GrammarSpec | None:
         so = structured_outputs_of(req)
