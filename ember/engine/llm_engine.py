@@ -19,6 +19,7 @@ from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes
 from ember.engine.model_runner import InflightStep, ModelRunner, StepResult
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
+from ember.kernels.startup import prepare_triton_in_background
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
 from ember.model.loader import build_model, embedded_gguf_path, resolve_model
@@ -105,8 +106,11 @@ def load_model(config: EngineConfig) -> LoadedModel:
     t2 = time.perf_counter()
     timings.tokenizer_s = t2 - t1
 
+    triton_startup = prepare_triton_in_background() if device.type == "cuda" else None
     torch.manual_seed(config.seed)
     model = build_model(source, arch, dtype, device, max_model_len, config.seed)
+    if triton_startup is not None:
+        triton_startup.join()  # done by now, normally: the weight reads take longer
     timings.weights_s = time.perf_counter() - t2
     return LoadedModel(source.name, arch, model, tokenizer, device, dtype, max_model_len, timings)
 
