@@ -184,14 +184,25 @@ class LLMEngine:
                     t.cuda_graphs_s, t.warm_up_s)
 
     def warm_up(self) -> None:
-        """One short request through prefill and decode, so the first real one pays no one-time costs
-        (kernel compilation, first-touch of weights and cache pages); counters start from zero after it."""
+        """A short request through prefill and decode, so the first real one pays no one-time costs (kernel
+        compilation, first-touch of weights and cache pages); counters start from zero after it.
+
+        With CUDA graphs (the mode that compiles everything at boot) also one prefill of each power-of-two
+        length up to 64: the attention kernel's tile height follows the longest query of a step, and each
+        height is a kernel of its own. Captured decode graphs already cover the decode variants. Eager mode
+        keeps its fast boot and compiles those kernels when a step first needs them.
+        """
         t = time.perf_counter()
-        self.add_request("ember-warm-up", None, [self.arch.bos_token_id or 0] * 8,
-                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        while self.has_unfinished_requests():
-            self.step()
-        self.block_manager.reset_prefix_cache()
+        lengths = [8]
+        if self.cuda_graphs_enabled:
+            room = min(self.max_model_len, self.block_manager.num_blocks * self.block_size)
+            lengths += [n for n in (2, 4, 16, 32, 64) if n + 1 <= room]
+        for i, n in enumerate(lengths):
+            self.add_request(f"ember-warm-up-{i}", None, [self.arch.bos_token_id or 0] * n,
+                             SamplingParams(temperature=0, max_tokens=4 if i == 0 else 1, ignore_eos=True))
+            while self.has_unfinished_requests():
+                self.step()
+            self.block_manager.reset_prefix_cache()  # the next prompt's tokens must all be computed
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self.num_prompt_tokens_total = self.num_generation_tokens_total = 0
         self.timings.warm_up_s = time.perf_counter() - t
