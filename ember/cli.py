@@ -153,7 +153,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="queue each step (decodes and prefill chunks) before reading back the previous one's "
                         "tokens, so host work overlaps the GPU (default: on with CUDA)")
     p.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=d.tensor_parallel_size,
-                   help="GPUs to shard the model over")
+                   help="processes (one per GPU) to shard the model over")
 
 
 def add_serve(sub: Subparsers) -> None:

@@ -142,8 +142,8 @@ def deployment_options(args: argparse.Namespace, cluster_gpus: float = 0.0) -> d
         raise ValueError("--num-replicas is a fixed count: give it or the autoscaling flags, not both")
     max_ongoing = args.max_ongoing_requests or args.max_num_seqs
     gpus = args.num_gpus_per_replica
-    if gpus is None:
-        gpus = 1.0 if cluster_gpus > 0 and args.device != "cpu" else 0.0
+    if gpus is None:  # one per tensor-parallel rank: the replica's worker processes use the replica's GPUs
+        gpus = float(args.tensor_parallel_size) if cluster_gpus > 0 and args.device != "cpu" else 0.0
     if 0 < gpus < 1 and args.kv_cache_memory_bytes is None:
         # Each replica sizes its KV cache from the card's free memory, which the others on the card already
         # hold: the second one would get nothing.

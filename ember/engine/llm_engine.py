@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from ember.attention import get_attention_backend
 from ember.config import EngineConfig
+from ember.distributed.parallel import TensorParallel
 from ember.engine.block_manager import BlockManager
 from ember.engine.detokenizer import Detokenizer, find_stop_string, releasable_text
 from ember.engine.errors import RequestValidationError
@@ -19,6 +21,7 @@ from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes
 from ember.engine.model_runner import InflightStep, ModelRunner, StepResult
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
+from ember.engine.workers import WorkerGroup
 from ember.kernels.startup import prepare_triton_in_background
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
@@ -34,10 +37,14 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """`rank`: a tensor-parallel rank, which takes the GPU of that index."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and rank > 0:
+        device = torch.device("cuda", rank)
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -82,14 +89,12 @@ def use_compile_cache(path: str) -> None:
     os.environ["TRITON_CACHE_DIR"] = str(cache)
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
-    if config.tensor_parallel_size != 1:
-        # Accepting the flag and running on one GPU anyway would hide a wrong deployment.
-        raise ValueError(f"--tensor-parallel-size {config.tensor_parallel_size}: tensor parallelism is not "
-                         "implemented yet; ember runs a model on one device")
+def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> LoadedModel:
+    """Weights (this rank's shards under tensor parallelism), tokenizer and their description."""
+    tp = tp or TensorParallel()
     timings = LoadTimings()
     t0 = time.perf_counter()
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, tp.rank)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_model(config)
     arch = ModelArchConfig.from_hf(source.hf_config)
@@ -108,7 +113,7 @@ def load_model(config: EngineConfig) -> LoadedModel:
 
     triton_startup = prepare_triton_in_background() if device.type == "cuda" else None
     torch.manual_seed(config.seed)
-    model = build_model(source, arch, dtype, device, max_model_len, config.seed)
+    model = build_model(source, arch, dtype, device, max_model_len, config.seed, tp)
     if triton_startup is not None:
         triton_startup.join()  # done by now, normally: the weight reads take longer
     timings.weights_s = time.perf_counter() - t2
@@ -127,12 +132,73 @@ def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
     return requested
 
 
+def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, block_size: int, tp: TensorParallel) -> int:
+    """KV-cache blocks for the budget (a given size, or what profiling leaves of --gpu-memory-utilization); every
+    tensor-parallel rank runs this (the GPU profiling pass has all-reduces) and they keep the smallest count."""
+    if config.num_gpu_blocks_override:
+        return config.num_gpu_blocks_override
+    per_block = bytes_per_block(loaded.arch, block_size, loaded.dtype, tp.size)
+    if config.kv_cache_memory_bytes:
+        budget = config.kv_cache_memory_bytes
+    elif loaded.device.type == "cuda":
+        budget = _profile_free_gpu_memory(config, loaded)
+    else:
+        budget = CPU_DEFAULT_KV_BYTES
+    # Never more than all sequences could use at full length.
+    ceiling = -(-loaded.max_model_len // block_size) * max(config.max_num_seqs, 1)
+    num = tp.agree_min(int(min(budget // per_block, ceiling)))
+    if num < -(-loaded.max_model_len // block_size):
+        logger.warning("KV cache holds %d tokens, less than one sequence of max_model_len %d",
+                       num * block_size, loaded.max_model_len)
+    if num < 1:
+        raise ValueError(f"the KV cache budget of {budget} bytes holds no block ({per_block} bytes each)")
+    return num
+
+
+def _profile_free_gpu_memory(config: EngineConfig, loaded: LoadedModel) -> int:
+    """Bytes left for the KV cache: the utilisation target minus weights and a peak activation pass."""
+    model, device = loaded.model, loaded.device
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    n = min(config.max_num_batched_tokens or 8192, loaded.max_model_len)
+    with torch.inference_mode():
+        ids = torch.zeros(n, dtype=torch.long, device=device)
+        hidden = model.model.embed_tokens(ids)
+        # The biggest activations: one layer's MLP on a full token budget, and the logits of a full batch.
+        model.model.layers[0].mlp(hidden)
+        model.compute_logits(hidden[: min(n, config.max_num_seqs)])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    used_by_others = total - free - torch.cuda.memory_reserved(device)
+    budget = int(total * config.gpu_memory_utilization) - peak - used_by_others
+    torch.cuda.empty_cache()
+    return max(budget, 0)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """`loaded` lets several engines (different cache or scheduler settings) share one set of weights."""
         self.config = config
         if config.compile_cache_dir:  # before anything compiles: the warm-up and graph capture below
             use_compile_cache(config.compile_cache_dir)
+        self.workers: WorkerGroup | None = None
+        self.tp = TensorParallel()
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a tensor-parallel engine loads its own shards; it cannot share a LoadedModel")
+            self.workers = WorkerGroup(config)
+            try:
+                self.tp = self.workers.connect_driver()
+                loaded = load_model(config, self.tp)
+                self.workers.wait_ready()
+            except BaseException:
+                self.workers.stop()
+                raise
+            # Stops the worker processes if the engine is dropped without close().
+            self._finalizer = weakref.finalize(self, self.workers.stop)
+            logger.info("tensor parallelism over %d processes: steps run eager and synchronous (no CUDA graphs, "
+                        "no async scheduling)", config.tensor_parallel_size)
         self.loaded = loaded or load_model(config)
         self.arch = self.loaded.arch
         self.model = self.loaded.model
@@ -144,8 +210,9 @@ class LLMEngine:
 
         t3 = time.perf_counter()
         self.block_size = config.block_size
-        num_blocks = self._num_kv_blocks()
-        self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.dtype, self.device)
+        num_blocks = num_kv_blocks(config, self.loaded, self.block_size, self.tp)
+        self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.dtype, self.device,
+                                           self.tp.size)
         self.timings.kv_cache_s = time.perf_counter() - t3
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size,
                     num_blocks * self.block_size)
@@ -159,9 +226,11 @@ class LLMEngine:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self.runner = ModelRunner(self.model, self.kv_caches, self.block_size, self.device,
                                   get_attention_backend(config.attention_backend, self.device),
-                                  Sampler(self.eos_token_ids))
+                                  Sampler(self.eos_token_ids), self.tp)
+        if self.workers is not None:
+            self.workers.mark_running()
         self.cuda_graphs_enabled = (self.device.type == "cuda" and not config.enforce_eager
-                                    and self.runner.attn.name == "triton")
+                                    and self.runner.attn.name == "triton" and not self.tp.enabled)
         if self.cuda_graphs_enabled:
             t4 = time.perf_counter()
             self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
@@ -173,7 +242,7 @@ class LLMEngine:
         self._finished_unreported: list[Request] = []
         # Async scheduling (default on CUDA): at most one step queued whose tokens are not read back.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
+                                 else self.device.type == "cuda") and not self.tp.enabled
         self._inflight: InflightStep | None = None
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
@@ -182,6 +251,11 @@ class LLMEngine:
         logger.info("engine ready: resolve %.2f s, tokenizer %.2f s, weights %.2f s, KV cache %.2f s, "
                     "CUDA graphs %.2f s, warm-up %.2f s", t.resolve_s, t.tokenizer_s, t.weights_s, t.kv_cache_s,
                     t.cuda_graphs_s, t.warm_up_s)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (an engine without them holds nothing to release)."""
+        if self.workers is not None:
+            self._finalizer()
 
     def warm_up(self) -> None:
         """A short request through prefill and decode, so the first real one pays no one-time costs (kernel
@@ -206,47 +280,6 @@ class LLMEngine:
         self.block_manager.prefix_queries = self.block_manager.prefix_hits = 0
         self.num_prompt_tokens_total = self.num_generation_tokens_total = 0
         self.timings.warm_up_s = time.perf_counter() - t
-
-    # ----------------------------------------------------------------------------------------- setup
-    def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        if cfg.num_gpu_blocks_override:
-            return cfg.num_gpu_blocks_override
-        per_block = bytes_per_block(self.arch, self.block_size, self.dtype)
-        if cfg.kv_cache_memory_bytes:
-            budget = cfg.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            budget = self._profile_free_gpu_memory()
-        else:
-            budget = CPU_DEFAULT_KV_BYTES
-        # Never more than all sequences could use at full length.
-        ceiling = -(-self.max_model_len // self.block_size) * max(cfg.max_num_seqs, 1)
-        num = min(budget // per_block, ceiling)
-        if num < -(-self.max_model_len // self.block_size):
-            logger.warning("KV cache holds %d tokens, less than one sequence of max_model_len %d",
-                           num * self.block_size, self.max_model_len)
-        if num < 1:
-            raise ValueError(f"the KV cache budget of {budget} bytes holds no block ({per_block} bytes each)")
-        return int(num)
-
-    def _profile_free_gpu_memory(self) -> int:
-        """Bytes left for the KV cache: the utilisation target minus weights and a peak activation pass."""
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        n = min(self.config.max_num_batched_tokens or 8192, self.max_model_len)
-        with torch.inference_mode():
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            hidden = self.model.model.embed_tokens(ids)
-            # The biggest activations: one layer's MLP on a full token budget, and the logits of a full batch.
-            self.model.model.layers[0].mlp(hidden)
-            self.model.compute_logits(hidden[: min(n, self.config.max_num_seqs)])
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        free, total = torch.cuda.mem_get_info()
-        used_by_others = total - free - torch.cuda.memory_reserved()
-        budget = int(total * self.config.gpu_memory_utilization) - peak - used_by_others
-        torch.cuda.empty_cache()
-        return max(budget, 0)
 
     # -------------------------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,

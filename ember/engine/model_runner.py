@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
+from ember.distributed.parallel import TensorParallel
 from ember.engine.cuda_graphs import DecodeGraphs
 from ember.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ember.engine.sequence import Sequence
@@ -23,6 +24,20 @@ class StepInputs:
     sample_seqs: list[Sequence]
     # For prompt logprobs: (sequence, first position, row offset, number of rows) of prefill chunks.
     prompt_lp: list[tuple[Sequence, int, int, int]]
+
+
+@dataclass
+class HostBatch:
+    """A step's flat batch as plain lists (picklable: sent to tensor-parallel workers)."""
+
+    input_ids: list[int]  # 0 where the token is still on the device (async scheduling)
+    positions: list[int]
+    slots: list[int]
+    query_start_loc: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]  # padded with 0 to the longest
+    logits_indices: list[int]
 
 
 @dataclass
@@ -103,8 +118,10 @@ def cache_slot(block_table: list[int], position: int, block_size: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 block_size: int, device: torch.device, attn: AttentionBackend, sampler: Sampler) -> None:
+                 block_size: int, device: torch.device, attn: AttentionBackend, sampler: Sampler | None,
+                 tp: TensorParallel | None = None) -> None:
         self.model = model
+        self.tp = tp or TensorParallel()
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -118,53 +135,71 @@ class ModelRunner:
         return _to_device(data, dtype, self.device)
 
     def prepare(self, sched: SchedulerOutput, prev: InflightStep | None = None) -> StepInputs:
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        q_lens: list[int] = []
-        logits_idx: list[int] = []
+        batch = self.host_batch(sched)
+        if self.tp.enabled:  # the workers run the same forward, joining its all-reduces
+            assert prev is None, "tensor parallelism runs steps synchronously"
+            self.tp.broadcast_object(("step", batch))
+        inp = self.device_inputs(batch)
+        pending = PendingInputs.find(sched.scheduled, prev, self.device)
+        if pending is not None:  # inputs still on the device (sampled by `prev`, not read back)
+            pending.apply(inp.input_ids)
         sample_seqs: list[Sequence] = []
         prompt_lp: list[tuple[Sequence, int, int, int]] = []
-        max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
-        tables: list[list[int]] = []
+        row0 = 0
         for item in sched.scheduled:
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            row0 = len(input_ids)
-            input_ids.extend(seq.token_ids[start:start + n])
-            # An input still on the device (sampled by `prev`, not read back) is filled in below.
-            input_ids.extend([0] * (row0 + n - len(input_ids)))
-            positions.extend(range(start, start + n))
-            bt = seq.block_table
-            slots.extend(cache_slot(bt, p, bs) for p in range(start, start + n))
-            qsl.append(qsl[-1] + n)
-            q_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(bt + [0] * (max_blocks - len(bt)))
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             if item.samples:
-                logits_idx.append(row0 + n - 1)
                 sample_seqs.append(seq)
             if seq.request.wants_prompt_logprobs(seq) and start < seq.num_prompt_tokens:
                 prompt_lp.append((seq, start, row0, min(n, seq.num_prompt_tokens - start)))
+            row0 += n
+        inp.sample_seqs, inp.prompt_lp = sample_seqs, prompt_lp
+        return inp
+
+    def host_batch(self, sched: SchedulerOutput) -> HostBatch:
+        """The flat batch of a step as lists: what tensor-parallel workers are sent to run the same forward."""
+        bs = self.block_size
+        b = HostBatch([], [], [], [0], [], [], [], [])
+        max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
+        for item in sched.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            row0 = len(b.input_ids)
+            b.input_ids.extend(seq.token_ids[start:start + n])
+            # An input still on the device (sampled by the step in flight, not read back) is filled in later.
+            b.input_ids.extend([0] * (row0 + n - len(b.input_ids)))
+            b.positions.extend(range(start, start + n))
+            bt = seq.block_table
+            b.slots.extend(cache_slot(bt, p, bs) for p in range(start, start + n))
+            b.query_start_loc.append(b.query_start_loc[-1] + n)
+            b.query_lens.append(n)
+            b.seq_lens.append(start + n)
+            b.block_tables.append(bt + [0] * (max_blocks - len(bt)))
+            if item.samples:
+                b.logits_indices.append(row0 + n - 1)
+        return b
+
+    def device_inputs(self, b: HostBatch) -> StepInputs:
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            query_start_loc=self._tensor(qsl, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_tables=self._tensor([x for t in tables for x in t], torch.int32).view(len(tables), max_blocks),
-            max_query_len=max(q_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=self._tensor(b.slots, torch.int64),
+            query_start_loc=self._tensor(b.query_start_loc, torch.int32),
+            seq_lens=self._tensor(b.seq_lens, torch.int32),
+            block_tables=self._tensor([x for t in b.block_tables for x in t], torch.int32).view(
+                len(b.block_tables), len(b.block_tables[0])),
+            max_query_len=max(b.query_lens),
+            max_seq_len=max(b.seq_lens),
+            query_lens_cpu=b.query_lens,
+            seq_lens_cpu=b.seq_lens,
         )
-        ids = self._tensor(input_ids, torch.int64)
-        pending = PendingInputs.find(sched.scheduled, prev, self.device)
-        if pending is not None:
-            pending.apply(ids)
-        return StepInputs(ids, self._tensor(positions, torch.int64), meta,
-                          self._tensor(logits_idx, torch.int64), sample_seqs, prompt_lp)
+        return StepInputs(self._tensor(b.input_ids, torch.int64), self._tensor(b.positions, torch.int64), meta,
+                          self._tensor(b.logits_indices, torch.int64), [], [])
+
+    @torch.inference_mode()
+    def forward_on_worker(self, batch: HostBatch) -> None:
+        """A tensor-parallel worker's share of a step: the same forward as the driver's, whose collectives it
+        joins; the driver alone computes logits and samples."""
+        inp = self.device_inputs(batch)
+        self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> float:
         """Capture decode graphs; returns the capture time in seconds."""

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.distributed.parallel import TensorParallel
+
 
 def _fused_ops(x: torch.Tensor):  # noqa: ANN202
     """The Triton kernels for CUDA tensors; None elsewhere (the torch code below is their reference)."""
@@ -133,16 +135,18 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 class GatedMLP(nn.Module):
-    """SiLU(gate) * up, then down; gate and up share one matmul."""
+    """SiLU(gate) * up, then down; gate and up share one matmul. With tensor parallelism `intermediate` is this
+    rank's slice, and down's partial sums are added up over the ranks."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp or TensorParallel()
         self.intermediate = intermediate
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(silu_mul(self.gate_up_proj(x))))
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

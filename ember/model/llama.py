@@ -6,15 +6,19 @@ import torch
 from torch import nn
 
 from ember.attention import AttentionBackend, AttentionMetadata
+from ember.distributed.parallel import TensorParallel
 from ember.model.config import ModelArchConfig
 from ember.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, rotary: RotaryEmbedding) -> None:
+    """With tensor parallelism this rank's heads only: o_proj's partial sums are added up over the ranks."""
+
+    def __init__(self, cfg: ModelArchConfig, rotary: RotaryEmbedding, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = tp
+        self.num_heads = tp.shard(cfg.num_attention_heads, "num_attention_heads")[1]
+        self.num_kv_heads = tp.shard(cfg.num_key_value_heads, "num_key_value_heads")[1]
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -33,14 +37,14 @@ class LlamaAttention(nn.Module):
         # The backend applies rotary: the Triton one fuses it into its KV-cache store.
         o = attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary=self.rotary,
                          positions=positions)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelArchConfig, rotary: RotaryEmbedding, tp: TensorParallel) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = LlamaAttention(cfg, rotary, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, tp.shard(cfg.intermediate_size, "intermediate_size")[1], tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -56,13 +60,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, max_positions: int, tp: TensorParallel) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # One rotary table shared by all layers (registered once, so it is not in state_dict per layer).
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.rotary = rotary
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, kv_caches, meta, attn) -> torch.Tensor:
@@ -75,10 +79,11 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelArchConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelArchConfig, max_positions: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions)
+        self.tp = tp or TensorParallel()
+        self.model = LlamaModel(cfg, max_positions, self.tp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

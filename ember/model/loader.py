@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ember.config import EMBEDDED_MODEL, EngineConfig
+from ember.distributed.parallel import TensorParallel
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
 from ember.model.safetensors_io import TensorRecord, read_header, read_tensors
@@ -333,20 +334,31 @@ def _fill_dummy(model: LlamaForCausalLM, seed: int) -> None:
             p.data.uniform_(-0.02, 0.02, generator=gen)
 
 
+# This rank's part of a checkpoint tensor under tensor parallelism: (dim, pieces), the (start, length) pieces along
+# `dim` concatenated (one piece, or q/k/v or gate/up of a tensor saved fused).
+Cut = tuple[int, tuple[tuple[int, int], ...]]
+
+
 class WeightPlacer:
-    """Where each checkpoint tensor goes in the model (a parameter, or the q/k/v or gate/up slice of a fused one),
-    and whether every parameter has been given its values."""
+    """Where each checkpoint tensor goes in the model (a parameter, or the q/k/v or gate/up slice of a fused one;
+    with tensor parallelism, which part of it this rank keeps), and whether every parameter has been filled."""
 
     def __init__(self, model: LlamaForCausalLM) -> None:
         arch = self.arch = model.config
+        self.tp = tp = model.tp
         q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-        self.offsets = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv),
-                        "gate": (0, arch.intermediate_size), "up": (arch.intermediate_size, arch.intermediate_size)}
+        inter = arch.intermediate_size
+        # (offset, length) of each part in a fused checkpoint tensor, and in this rank's parameter.
+        self.full = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}
+        q, kv, inter = q // tp.size, kv // tp.size, inter // tp.size
+        self.offsets = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.loaded: set[str] = set()
 
-    def destination(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
-        """The tensor that takes checkpoint tensor `name` (None: not loaded); counts it as loaded."""
+    def destination(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, Cut | None] | None:
+        """The tensor that takes checkpoint tensor `name`, and the part of it this rank keeps (None: all of it);
+        None for a tensor that is not loaded. Counts it as loaded."""
         if "rotary_emb.inv_freq" in name:
             return None
         target, shard = _shard_target(name)
@@ -361,11 +373,32 @@ class WeightPlacer:
                              "config.json declares no FP8 quantization (a compressed-tensors quantization_config)")
         p = self.params[target]
         dst = p.data if shard is None else p.data.narrow(0, *self.offsets[shard])
-        if tuple(dst.shape) != tuple(shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(shape)} != model {tuple(dst.shape)}")
+        cut = self._cut(target, shard, shape) if self.tp.enabled else None
+        kept = list(shape)
+        if cut is not None and len(shape) > cut[0]:
+            kept[cut[0]] = sum(n for _, n in cut[1])
+        if tuple(dst.shape) != tuple(kept):
+            raise ValueError(f"{name}: checkpoint shape {tuple(shape)} != model {tuple(dst.shape)}"
+                             + (f" (this rank's share of tensor-parallel {self.tp.size})" if cut else ""))
         # A fused tensor saved by ember itself fills every shard at once.
         self.loaded.update(f"{target}:{s}" for s in ((shard,) if shard else _expected_shards(target)))
-        return dst
+        return dst, cut
+
+    def _cut(self, target: str, shard: str | None, shape: tuple[int, ...]) -> Cut | None:
+        tp = self.tp
+        if shard is not None:  # q/k/v or gate/up on its own: this rank's rows (whole heads)
+            return 0, (tp.shard(shape[0], target),)
+        if target.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight")):  # saved fused
+            parts = ("q", "k", "v") if "qkv_proj" in target else ("gate", "up")
+            pieces = []
+            for part in parts:
+                offset, length = self.full[part]
+                start, n = tp.shard(length, f"{target} ({part})")
+                pieces.append((offset + start, n))
+            return 0, tuple(pieces)
+        if target.endswith(("o_proj.weight", "down_proj.weight")):  # this rank's input columns
+            return 1, (tp.shard(shape[1], target),)
+        return None  # replicated: embeddings, norms, lm_head, biases of the row-parallel layers (none in Llama)
 
     def check_complete(self) -> None:
         expected = {f"{n}:{s}" for n in self.params for s in _expected_shards(n)}
@@ -377,36 +410,61 @@ class WeightPlacer:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
 
+def cut_tensor(tensor: torch.Tensor, cut: Cut | None) -> torch.Tensor:
+    if cut is None:
+        return tensor
+    dim, pieces = cut
+    parts = [tensor.narrow(dim, start, n) for start, n in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _read_cut(st: Any, name: str, cut: Cut | None) -> torch.Tensor:
+    """Only this rank's part of a tensor, through the library's slicing (reads just those rows or columns)."""
+    if cut is None:
+        return st.get_tensor(name)
+    dim, pieces = cut
+    sl = st.get_slice(name)
+    parts = [sl[start:start + n] if dim == 0 else sl[:, start:start + n] for start, n in pieces]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], total: int | None) -> None:
     """Copy each checkpoint tensor straight into its (slice of a) final parameter, one tensor at a time."""
     placer = WeightPlacer(model)
     for name, tensor in tqdm(weights, total=total, desc="loading weights", unit="tensor", leave=False,
                              disable=None):
-        dst = placer.destination(name, tuple(tensor.shape), tensor.dtype)
-        if dst is not None:
-            dst.copy_(tensor)
+        placed = placer.destination(name, tuple(tensor.shape), tensor.dtype)
+        if placed is not None:
+            dst, cut = placed
+            dst.copy_(cut_tensor(tensor, cut))
     placer.check_complete()
 
 
 def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
-    """Read a checkpoint directory's tensors into place: those already in the model's dtype byte for byte, many
-    reads at once (`safetensors_io`); any other (an fp32 checkpoint into a bf16 model) through a cast."""
+    """Read a checkpoint directory's tensors into place: those already in the model's dtype and kept whole byte
+    for byte, many reads at once (`safetensors_io`); any other (an fp32 checkpoint into a bf16 model, a
+    tensor-parallel rank's share) through the library, cast as it is copied."""
     placer = WeightPlacer(model)
     direct: list[tuple[TensorRecord, torch.Tensor]] = []
-    cast: list[tuple[TensorRecord, torch.Tensor]] = []
+    other: list[tuple[TensorRecord, torch.Tensor, Cut | None]] = []
     for rec in (r for f in _safetensors_files(path) for r in read_header(f)):
-        dst = placer.destination(rec.name, rec.shape, rec.dtype)
-        if dst is not None:
-            (direct if dst.dtype == rec.dtype and dst.is_contiguous() else cast).append((rec, dst))
+        placed = placer.destination(rec.name, rec.shape, rec.dtype)
+        if placed is None:
+            continue
+        dst, cut = placed
+        if cut is None and dst.dtype == rec.dtype and dst.is_contiguous():
+            direct.append((rec, dst))
+        else:
+            other.append((rec, dst, cut))
     placer.check_complete()  # before reading 16 GB, not after
     read_tensors(direct)
-    if cast:
+    if other:
         from safetensors import safe_open
 
-        for f in sorted({rec.path for rec, _ in cast}):
+        for f in sorted({rec.path for rec, _, _ in other}):
             with safe_open(f, framework="pt", device="cpu") as st:
-                for rec, dst in (c for c in cast if c[0].path == f):
-                    dst.copy_(st.get_tensor(rec.name))
+                for rec, dst, cut in (o for o in other if o[0].path == f):
+                    dst.copy_(_read_cut(st, rec.name, cut))
 
 
 def _expected_shards(name: str) -> tuple[str | None, ...]:
@@ -442,10 +500,10 @@ def _no_param_init() -> Iterator[None]:
 
 
 def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int) -> LlamaForCausalLM:
-    """Allocate parameters once, in their final dtype and device, then fill them."""
+                max_positions: int, seed: int, tp: TensorParallel | None = None) -> LlamaForCausalLM:
+    """Allocate parameters once, in their final dtype and device (this rank's shards), then fill them."""
     with torch.device("meta"), _no_param_init():
-        model = LlamaForCausalLM(arch, max_positions)
+        model = LlamaForCausalLM(arch, max_positions, tp)
     # model.to(dtype).to_empty(device=device), with a factory: empty_like of a meta tensor runs torch's Python
     # reference, whose first call imports sympy (~1.5 s).
     model = model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype,
@@ -457,7 +515,7 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
         _fill_dummy(model, seed)
     elif source.kind == "gguf":
         load_weights(model, iter_gguf_weights(source.gguf_reader, arch), len(source.gguf_reader.tensors))
-        if dtype == torch.float32:  # only an exact copy may stand in for the GGUF later
+        if dtype == torch.float32 and not model.tp.enabled:  # only a whole, exact copy may stand in for the GGUF
             _write_gguf_cache(model, source)
     else:
         assert source.weights_dir is not None

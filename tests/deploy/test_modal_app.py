@@ -164,16 +164,11 @@ def test_serve_command_extra_args_pass_through() -> None:
     assert (args.max_model_len, args.max_num_seqs, args.kv_cache_memory_bytes) == (8192, 64, 20 * 2**30)
 
 
-def test_n_gpus_reach_ember_which_refuses_them() -> None:
+def test_n_gpus_become_tensor_parallel_ranks() -> None:
     s = _settings(EMBER_N_GPU="2")
     assert s.gpu_spec == "H100:2" and modal_app.function_options(s)["gpu"] == "H100:2"
     args = _parse(modal_app.serve_command(s))
-    assert args.tensor_parallel_size == 2
-    # ember has no tensor parallelism yet: the server must say so rather than run on one of the two GPUs.
-    from ember.engine.llm_engine import load_model
-
-    with pytest.raises(ValueError, match="tensor parallelism is not implemented"):
-        load_model(engine_config_from_args(args))
+    assert engine_config_from_args(args).tensor_parallel_size == 2
 
 
 def test_api_key_comes_from_the_secret_not_argv(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,6 +50,8 @@ def test_fixed_replicas_and_resources() -> None:
     explicit = ray_serve.deployment_options(_args("--num-gpus-per-replica", "0.5", "--kv-cache-memory-bytes",
                                                   "8GiB"), cluster_gpus=8)
     assert explicit["ray_actor_options"]["num_gpus"] == 0.5
+    # A tensor-parallel replica reserves a GPU per rank.
+    assert ray_serve.deployment_options(_args("-tp", "4"), cluster_gpus=8)["ray_actor_options"]["num_gpus"] == 4.0
     # --device cpu on a GPU cluster reserves no GPU.
     assert ray_serve.deployment_options(_args("--device", "cpu"), cluster_gpus=8)["ray_actor_options"][
         "num_gpus"] == 0.0

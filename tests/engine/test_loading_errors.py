@@ -7,7 +7,6 @@ import json
 import pytest
 
 from ember.config import EngineConfig
-from ember.engine.llm_engine import load_model
 from ember.model.config import ModelArchConfig, UnsupportedModelError
 from ember.model.loader import ModelNotFoundError, resolve_model
 
@@ -33,11 +32,6 @@ def test_missing_model_never_downloads(tmp_path, monkeypatch):
 def test_unknown_dummy_config_lists_shipped_ones():
     with pytest.raises(ModelNotFoundError, match="llama-3.1-8b-instruct"):
         resolve_model(EngineConfig(model="no-such-config", load_format="dummy"))
-
-
-def test_tensor_parallel_refused_until_implemented():
-    with pytest.raises(ValueError, match="tensor parallelism is not implemented"):
-        load_model(EngineConfig(tensor_parallel_size=2))
 
 
 def test_llama31_8b_config_shapes():

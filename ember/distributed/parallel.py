@@ -1,0 +1,87 @@
+"""The tensor-parallel group one process belongs to, and the few collectives the engine needs.
+
+Megatron-style sharding: the q/k/v and gate/up projections are split by output rows (whole attention heads, slices
+of the MLP), o_proj and down_proj by input columns, so each layer needs one all-reduce after each of those two.
+Embeddings, norms and the lm_head are replicated. The process groups are objects held here, not torch's global
+default group, so that several engines (tests) can come and go in one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# How long a collective may wait for the other ranks before raising: a dead worker fails the engine instead of
+# hanging it forever (torch's default is 30 min).
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # the all-reduces of the model (NCCL between GPUs, gloo on CPUs)
+    control: Any = None  # gloo, between the CPUs: the driver's step inputs to the workers
+    store: Any = None  # the rendezvous (rank 0 serves it): kept alive as long as the groups
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    def shard(self, n: int, what: str) -> tuple[int, int]:
+        """(start, length) of this rank's share of `n` rows, heads or columns."""
+        if n % self.size:
+            raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size {self.size}")
+        k = n // self.size
+        return self.rank * k, k
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place."""
+        if self.size > 1:
+            self.group.allreduce([x]).wait()
+        return x
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank (e.g. KV blocks each GPU has room for)."""
+        if self.size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.control.allreduce([t], opts).wait()
+        return int(t.item())
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's `obj`, on every rank (pickled over the control group)."""
+        if self.size == 1:
+            return obj
+        if self.rank == 0:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            length = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            length = torch.zeros(1, dtype=torch.int64)
+        self.control.broadcast(length, 0).wait()
+        if self.rank != 0:
+            payload = torch.empty(int(length.item()), dtype=torch.uint8)
+        self.control.broadcast(payload, 0).wait()
+        return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
+
+
+def connect(rank: int, size: int, port: int, device: torch.device,
+            timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallel:
+    """Join the group of `size` processes that meet at 127.0.0.1:`port` (rank 0 hosts the rendezvous)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=timeout)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, timeout)
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        group = dist.ProcessGroupNCCL(dist.PrefixStore("model", store), rank, size, options)
+    else:
+        group = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, size, timeout)
+    return TensorParallel(rank, size, group, control, store)

@@ -1,0 +1,139 @@
+"""Tensor-parallel worker processes: ranks 1..N-1, each holding its shards of the model and its KV heads.
+
+The engine process is rank 0 (the driver): it schedules, samples and detokenizes; each step it sends the
+workers the step's flat batch (`HostBatch`) over a gloo group, and every rank runs the same forward pass, whose
+all-reduces combine the shards. Workers are spawned (fresh interpreters: CUDA cannot be forked), meet the driver at
+a TCP rendezvous on 127.0.0.1, report their load through a pipe, then loop until told to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from ember.config import EngineConfig
+from ember.distributed.parallel import TensorParallel, connect
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 300.0  # a fresh interpreter importing torch on a busy machine
+READY_TIMEOUT_S = 1800.0  # loading a large model from a slow disk takes minutes
+STOP_TIMEOUT_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class WorkerGroup:
+    """The driver's handle on its workers."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.size = config.tensor_parallel_size
+        self.device = _device(config, 0)
+        self.port = _free_port()
+        self.tp: TensorParallel | None = None
+        self.running = False  # in their step loop: a stop message reaches them
+        ctx = mp.get_context("spawn")
+        self.procs: list[Any] = []
+        self.conns: list[Connection] = []
+        for rank in range(1, self.size):
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=worker_main, args=(config, rank, self.size, self.port, child),
+                               name=f"ember-tp-worker-{rank}", daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+
+    def connect_driver(self, timeout_s: float = START_TIMEOUT_S) -> TensorParallel:
+        """Join the workers' group as rank 0, once each has started (a worker that dies on its way, e.g. a script
+        without `if __name__ == "__main__":` that spawn re-runs, is reported instead of awaited)."""
+        self._wait_for("started", "while starting", timeout_s)
+        self.tp = connect(0, self.size, self.port, self.device)
+        return self.tp
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until every worker has loaded its shards; raises the first worker's error (or death) instead."""
+        self._wait_for("ready", "while loading", timeout_s)
+
+    def _wait_for(self, what: str, during: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), start=1):
+            while not conn.poll(0.1):
+                if not proc.is_alive():
+                    raise RuntimeError(f"tensor-parallel worker {rank} exited (code {proc.exitcode}) {during}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tensor-parallel worker {rank} did not report {what!r} within "
+                                       f"{timeout_s:.0f} s")
+            kind, detail = conn.recv()
+            if kind != what:
+                raise RuntimeError(f"tensor-parallel worker {rank} failed {during}: {detail}")
+
+    def mark_running(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        """Tell the workers to exit (or terminate them); idempotent."""
+        if self.running and self.tp is not None:
+            self.running = False
+            try:
+                self.tp.broadcast_object(("stop", None))
+            except Exception:  # a worker already gone: terminated below
+                logger.debug("stop message to tensor-parallel workers failed", exc_info=True)
+        for proc in self.procs:
+            proc.join(STOP_TIMEOUT_S if proc.is_alive() else 0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(STOP_TIMEOUT_S)
+        for conn in self.conns:
+            conn.close()
+        self.procs, self.conns = [], []
+
+
+def _device(config: EngineConfig, rank: int) -> torch.device:
+    from ember.engine.llm_engine import resolve_device
+
+    return resolve_device(config.device, rank)
+
+
+def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Connection) -> None:
+    """A worker process: connect, load this rank's shards, size the KV cache with the others, then run the forward
+    of every step the driver sends until it sends "stop"."""
+    from ember.attention import get_attention_backend
+    from ember.engine.kv_cache import allocate_kv_cache
+    from ember.engine.llm_engine import load_model, num_kv_blocks
+    from ember.engine.model_runner import ModelRunner
+
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp-worker-{rank} %(name)s: "
+                        "%(message)s")
+    try:
+        device = _device(config, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        conn.send(("started", None))
+        tp = connect(rank, size, port, device)
+        loaded = load_model(config, tp)
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        conn.close()
+        return
+    conn.send(("ready", None))
+    conn.close()
+    num_blocks = num_kv_blocks(config, loaded, config.block_size, tp)
+    kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size, loaded.dtype, device, tp.size)
+    runner = ModelRunner(loaded.model, kv_caches, config.block_size, device,
+                         get_attention_backend(config.attention_backend, device), None, tp)
+    while True:
+        kind, batch = tp.broadcast_object()
+        if kind == "stop":
+            return
+        runner.forward_on_worker(batch)

@@ -1,0 +1,128 @@
+"""Tensor parallelism on the CPU (gloo): N processes, each with a slice of every layer, produce the tokens and
+logprobs of the unsharded model; bad sizes and early shutdowns are handled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ember import LLM, SamplingParams
+from ember.config import EngineConfig
+from ember.engine.llm_engine import LLMEngine
+
+TINY = json.loads((Path(__file__).resolve().parents[2] / "ember/configs/tiny-llama.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny config (4 heads, 2 KV heads) with random weights in HF's layout: q/k/v and gate/up unfused."""
+    g = torch.Generator().manual_seed(0)
+    h, inter, kv = TINY["hidden_size"], TINY["intermediate_size"], TINY["hidden_size"] // 2
+    shapes = {"model.embed_tokens.weight": (TINY["vocab_size"], h), "lm_head.weight": (TINY["vocab_size"], h),
+              "model.norm.weight": (h,)}
+    for i in range(TINY["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        shapes |= {pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+                   pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.k_proj.weight": (kv, h),
+                   pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, h),
+                   pre + "mlp.gate_proj.weight": (inter, h), pre + "mlp.up_proj.weight": (inter, h),
+                   pre + "mlp.down_proj.weight": (h, inter)}
+    # Large enough weights that greedy choices are not near-ties the order of a sum could flip.
+    weights = {n: torch.randn(s, generator=g) * (0.15 if len(s) > 1 else 1.0) for n, s in shapes.items()}
+    d = tmp_path_factory.mktemp("tiny-tp")
+    (d / "config.json").write_text(json.dumps(TINY))
+    names = sorted(weights)
+    save_file({n: weights[n] for n in names[::2]}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({n: weights[n] for n in names[1::2]}, str(d / "model-00002-of-00002.safetensors"))
+    return d
+
+
+def _run(path: str, tp: int, **kwargs: object) -> list[tuple[list[int], list[float], list[float]]]:
+    """(tokens, their logprobs, prompt logprobs) of a mixed batch: greedy, seeded sampling, long prompts in
+    chunks, prompt logprobs."""
+    llm = LLM(path, tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=2 << 20,
+              max_num_batched_tokens=64, **kwargs)
+    try:
+        prompts = [[1, 500, 7000, 42, 9], list(range(5, 150)), [3, 1000, 20000, 31000, 17, 17, 4]]
+        params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1, prompt_logprobs=1),
+                  SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1),
+                  SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True, logprobs=1)]
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            lps = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+            plps = [next(iter(p.values())).logprob for p in (o.prompt_logprobs or [])[1:]]
+            result.append((c.token_ids, lps, plps))
+        return result
+    finally:
+        llm.engine.close()
+
+
+def test_two_ranks_match_one(tiny_dir: Path) -> None:
+    one, two = _run(str(tiny_dir), 1), _run(str(tiny_dir), 2)
+    for (t1, lp1, p1), (t2, lp2, p2) in zip(one, two, strict=True):
+        assert t1 == t2
+        assert len(t1) == 10
+        # All-reduced partial sums add up in another order than one matmul: equal to float rounding.
+        assert torch.allclose(torch.tensor(lp1), torch.tensor(lp2), atol=1e-4)
+        assert torch.allclose(torch.tensor(p1), torch.tensor(p2), atol=1e-4)
+
+
+def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
+    """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks. Its weights come from the GGUF (or the fused fp32 copy
+    ember keeps of it), whose q/k/v and gate/up are cut per rank from one tensor."""
+    prompts = [[1, 9906, 28, 1425, 314, 253, 1345, 30], list(range(100, 140))]
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    results = []
+    for tp in (1, 3):
+        llm = LLM(tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=8 << 20)
+        try:
+            results.append([o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts,
+                                                                          sampling_params=sp)])
+        finally:
+            llm.engine.close()
+    assert results[0] == results[1]
+
+
+def test_heads_that_do_not_divide_are_refused(tiny_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size 3"):
+        LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=3, kv_cache_memory_bytes=1 << 20))
+
+
+def test_a_shared_loaded_model_cannot_be_tensor_parallel(tiny_dir: Path) -> None:
+    base = LLMEngine(EngineConfig(model=str(tiny_dir), kv_cache_memory_bytes=1 << 20))
+    with pytest.raises(ValueError, match="cannot share a LoadedModel"):
+        LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=2), base.loaded)
+
+
+def test_close_stops_the_workers_and_is_idempotent(tiny_dir: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20))
+    assert engine.workers is not None
+    procs = list(engine.workers.procs)
+    assert all(p.is_alive() for p in procs)
+    engine.close()
+    engine.close()
+    assert all(not p.is_alive() and p.exitcode == 0 for p in procs)  # exited on the stop message
+
+
+def test_a_dead_worker_fails_the_next_step_at_once(tiny_dir: Path) -> None:
+    """The step's inputs go to the workers over gloo first: a killed worker is a connection error there, not a
+    collective that waits out its timeout."""
+    llm = LLM(str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20)
+    assert llm.engine.workers is not None
+    worker = llm.engine.workers.procs[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join()
+    t = time.monotonic()
+    with pytest.raises(RuntimeError):
+        llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=4))
+    assert time.monotonic() - t < 30
+    llm.engine.close()
