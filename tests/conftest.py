@@ -52,6 +52,61 @@ def hf_smol():
     return model.eval()
 
 
+# --------------------------------------------------------------------------- tiny checkpoints
+
+
+@dataclass(frozen=True)
+class TinyCheckpoints:
+    """The shipped tiny config (4 heads, 2 KV heads, 2 layers) with random weights in HF's layout: separate q/k/v
+    and gate/up projections, as checkpoints on the Hub are. Tests edit the weights before writing them to break a
+    checkpoint on purpose."""
+
+    config: dict[str, Any]
+
+    def weights(self, dtype: Any = None, std: float = 1.0, seed: int = 0) -> dict[str, Any]:
+        import torch
+
+        c = self.config
+        h, inter = c["hidden_size"], c["intermediate_size"]
+        kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+        shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "lm_head.weight": (c["vocab_size"], h),
+                  "model.norm.weight": (h,)}
+        for i in range(c["num_hidden_layers"]):
+            pre = f"model.layers.{i}."
+            shapes |= {pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
+                       pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.k_proj.weight": (kv, h),
+                       pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, h),
+                       pre + "mlp.gate_proj.weight": (inter, h), pre + "mlp.up_proj.weight": (inter, h),
+                       pre + "mlp.down_proj.weight": (h, inter)}
+        g = torch.Generator().manual_seed(seed)
+        # Matrices scaled by `std`; norms keep unit-scale weights.
+        return {n: (torch.randn(s, generator=g) * (std if len(s) > 1 else 1.0)).to(dtype or torch.float32)
+                for n, s in shapes.items()}
+
+    def write(self, d: Any, weights: dict[str, Any], shards: int = 2) -> Any:
+        """`weights` saved round-robin into `shards` safetensors files beside the config; returns `d`."""
+        import json
+
+        from safetensors.torch import save_file
+
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(self.config))
+        names = sorted(weights)
+        for i in range(shards):
+            save_file({n: weights[n] for n in names[i::shards]},
+                      str(d / f"model-{i + 1:05d}-of-{shards:05d}.safetensors"))
+        return d
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints() -> TinyCheckpoints:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "ember/configs/tiny-llama.json"
+    return TinyCheckpoints(json.loads(path.read_text()))
+
+
 # --------------------------------------------------------------------------- live server
 
 SERVE_ARGS = ["serve", "--served-model-name", EMBEDDED_MODEL, "llm", "--port", "0", "--max-model-len", "1024",

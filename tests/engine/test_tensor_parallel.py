@@ -1,9 +1,9 @@
-"""Tensor parallelism on the CPU (gloo): N processes, each with a slice of every layer, produce the tokens and
-logprobs of the unsharded model; bad sizes and early shutdowns are handled."""
+"""Tensor parallelism: N processes, each with a slice of every layer, produce the tokens and logprobs of the
+unsharded model (on CPUs with gloo; on two GPUs with NCCL where they exist); bad sizes, dead workers and
+shutdowns are handled."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -11,37 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from ember import LLM, SamplingParams
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
 
-TINY = json.loads((Path(__file__).resolve().parents[2] / "ember/configs/tiny-llama.json").read_text())
-
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny config (4 heads, 2 KV heads) with random weights in HF's layout: q/k/v and gate/up unfused."""
-    g = torch.Generator().manual_seed(0)
-    h, inter, kv = TINY["hidden_size"], TINY["intermediate_size"], TINY["hidden_size"] // 2
-    shapes = {"model.embed_tokens.weight": (TINY["vocab_size"], h), "lm_head.weight": (TINY["vocab_size"], h),
-              "model.norm.weight": (h,)}
-    for i in range(TINY["num_hidden_layers"]):
-        pre = f"model.layers.{i}."
-        shapes |= {pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
-                   pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.k_proj.weight": (kv, h),
-                   pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, h),
-                   pre + "mlp.gate_proj.weight": (inter, h), pre + "mlp.up_proj.weight": (inter, h),
-                   pre + "mlp.down_proj.weight": (h, inter)}
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Path:
     # Large enough weights that greedy choices are not near-ties the order of a sum could flip.
-    weights = {n: torch.randn(s, generator=g) * (0.15 if len(s) > 1 else 1.0) for n, s in shapes.items()}
-    d = tmp_path_factory.mktemp("tiny-tp")
-    (d / "config.json").write_text(json.dumps(TINY))
-    names = sorted(weights)
-    save_file({n: weights[n] for n in names[::2]}, str(d / "model-00001-of-00002.safetensors"))
-    save_file({n: weights[n] for n in names[1::2]}, str(d / "model-00002-of-00002.safetensors"))
-    return d
+    return tiny_checkpoints.write(tmp_path_factory.mktemp("tiny-tp"), tiny_checkpoints.weights(std=0.15))
 
 
 def _run(path: str, tp: int, **kwargs: object) -> list[tuple[list[int], list[float], list[float]]]:
@@ -66,8 +45,14 @@ def _run(path: str, tp: int, **kwargs: object) -> list[tuple[list[int], list[flo
         llm.engine.close()
 
 
-def test_two_ranks_match_one(tiny_dir: Path) -> None:
-    one, two = _run(str(tiny_dir), 1), _run(str(tiny_dir), 2)
+@pytest.mark.parametrize("device", [
+    "cpu",
+    # NCCL all-reduces between the GPUs, gloo for the step inputs; fp32, so the same tolerance holds.
+    pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")),
+])
+def test_two_ranks_match_one(tiny_dir: Path, device: str) -> None:
+    one, two = _run(str(tiny_dir), 1, device=device, dtype="float32"), _run(str(tiny_dir), 2, device=device,
+                                                                         dtype="float32")
     for (t1, lp1, p1), (t2, lp2, p2) in zip(one, two, strict=True):
         assert t1 == t2
         assert len(t1) == 10

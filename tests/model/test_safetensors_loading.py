@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from ember.config import EngineConfig
 from ember.model import loader
@@ -16,23 +15,6 @@ from ember.model.config import ModelArchConfig
 from ember.model.loader import build_model, iter_safetensors_weights, load_weights, resolve_model
 
 TINY = json.loads((Path(__file__).resolve().parents[2] / "ember/configs/tiny-llama.json").read_text())
-
-
-def _hf_weights(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Random weights of the tiny config in HF's layout (separate q/k/v and gate/up projections)."""
-    g = torch.Generator().manual_seed(0)
-    h, inter, layers = TINY["hidden_size"], TINY["intermediate_size"], TINY["num_hidden_layers"]
-    kv = h // TINY["num_attention_heads"] * TINY["num_key_value_heads"]
-    shapes = {"model.embed_tokens.weight": (TINY["vocab_size"], h), "lm_head.weight": (TINY["vocab_size"], h),
-              "model.norm.weight": (h,)}
-    for i in range(layers):
-        pre = f"model.layers.{i}."
-        shapes |= {pre + "input_layernorm.weight": (h,), pre + "post_attention_layernorm.weight": (h,),
-                   pre + "self_attn.q_proj.weight": (h, h), pre + "self_attn.k_proj.weight": (kv, h),
-                   pre + "self_attn.v_proj.weight": (kv, h), pre + "self_attn.o_proj.weight": (h, h),
-                   pre + "mlp.gate_proj.weight": (inter, h), pre + "mlp.up_proj.weight": (inter, h),
-                   pre + "mlp.down_proj.weight": (h, inter)}
-    return {name: torch.randn(shape, generator=g).to(dtype) for name, shape in shapes.items()}
 
 
 def _fused(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,25 +27,16 @@ def _fused(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return w
 
 
-def _write(d: Path, weights: dict[str, torch.Tensor], shards: int = 2) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(TINY))
-    names = sorted(weights)
-    for i in range(shards):
-        save_file({n: weights[n] for n in names[i::shards]}, str(d / f"model-{i + 1:05d}-of-{shards:05d}.safetensors"))
-    return d
-
-
 def _build(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     source = resolve_model(EngineConfig(model=str(path)))
     return build_model(source, ModelArchConfig.from_hf(source.hf_config), dtype, torch.device("cpu"), 64, 0)
 
 
 @pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float32])
-def test_parameters_are_the_checkpoint_values(tmp_path: Path, model_dtype: torch.dtype) -> None:
+def test_parameters_are_the_checkpoint_values(tmp_path: Path, model_dtype: torch.dtype, tiny_checkpoints) -> None:
     """bf16 checkpoint: read in place into a bf16 model, cast into an fp32 one."""
-    weights = _hf_weights(torch.bfloat16)
-    model = _build(_write(tmp_path, weights), model_dtype)
+    weights = tiny_checkpoints.weights(torch.bfloat16)
+    model = _build(tiny_checkpoints.write(tmp_path, weights), model_dtype)
     want = _fused(weights)
     got = dict(model.named_parameters())
     assert sorted(got) == sorted(want)
@@ -71,8 +44,8 @@ def test_parameters_are_the_checkpoint_values(tmp_path: Path, model_dtype: torch
         assert p.dtype == model_dtype and torch.equal(p.data, want[name].to(model_dtype)), name
 
 
-def test_same_parameters_as_the_one_tensor_at_a_time_path(tmp_path: Path) -> None:
-    path = _write(tmp_path, _hf_weights(torch.float32), shards=3)
+def test_same_parameters_as_the_one_tensor_at_a_time_path(tmp_path: Path, tiny_checkpoints) -> None:
+    path = tiny_checkpoints.write(tmp_path, tiny_checkpoints.weights(), shards=3)
     fast = _build(path, torch.float32)
     slow = _build(path, torch.float32)
     for p in slow.parameters():
@@ -89,8 +62,8 @@ def test_same_parameters_as_the_one_tensor_at_a_time_path(tmp_path: Path) -> Non
     ("fp8", "declares no FP8 quantization"),
 ])
 def test_broken_checkpoints_are_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       change: str, message: str) -> None:
-    weights = _hf_weights(torch.float32)
+                                                       change: str, message: str, tiny_checkpoints) -> None:
+    weights = tiny_checkpoints.weights()
     name = "model.layers.1.mlp.up_proj.weight"
     if change == "missing":
         del weights[name]
@@ -100,7 +73,7 @@ def test_broken_checkpoints_are_refused_before_reading(tmp_path: Path, monkeypat
         weights[name] = weights[name][:-1]
     else:
         weights[name] = weights[name].to(torch.float8_e4m3fn)
-    path = _write(tmp_path, weights)
+    path = tiny_checkpoints.write(tmp_path, weights)
 
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("weights were read before the checkpoint was checked")
