@@ -144,6 +144,9 @@ def deployment_options(args: argparse.Namespace, cluster_gpus: float = 0.0) -> d
     gpus = args.num_gpus_per_replica
     if gpus is None:  # one per tensor-parallel rank: the replica's worker processes use the replica's GPUs
         gpus = float(args.tensor_parallel_size) if cluster_gpus > 0 and args.device != "cpu" else 0.0
+    if args.tensor_parallel_size > 1 and 0 < gpus < args.tensor_parallel_size:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size} needs a GPU per rank: "
+                         f"--num-gpus-per-replica {gpus:g} is too few")
     if 0 < gpus < 1 and args.kv_cache_memory_bytes is None:
         # Each replica sizes its KV cache from the card's free memory, which the others on the card already
         # hold: the second one would get nothing.

@@ -9,6 +9,7 @@ default group, so that several engines (tests) can come and go in one process.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-# How long a collective may wait for the other ranks before raising: a dead worker fails the engine instead of
-# hanging it forever (torch's default is 30 min).
-DEFAULT_TIMEOUT_S = 120.0
+# How long a collective of the model (an all-reduce inside a forward pass) may wait for the other ranks before
+# raising (EMBER_TP_TIMEOUT_S overrides it): a stuck rank fails the engine instead of hanging it (torch's default
+# is 30 min). Every rank enters a
+# step's forward right after the driver sends it, so waits here are short unless something is wrong.
+MODEL_TIMEOUT_S = 120.0
+# The control group's waits are open-ended by nature: an idle worker waits for the next step as long as the server
+# is idle, and at startup for the slowest rank's load. A dead driver is noticed by the workers' own watchdog, and a
+# dead worker by the driver's next send (a closed connection fails at once).
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -72,12 +79,16 @@ class TensorParallel:
         return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
 
 
-def connect(rank: int, size: int, port: int, device: torch.device,
-            timeout_s: float = DEFAULT_TIMEOUT_S) -> TensorParallel:
-    """Join the group of `size` processes that meet at 127.0.0.1:`port` (rank 0 hosts the rendezvous)."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=timeout)
-    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, timeout)
+def connect(rank: int, size: int, port: int, device: torch.device, store: Any = None,
+            model_timeout_s: float | None = None) -> TensorParallel:
+    """Join the group of `size` processes that meet at 127.0.0.1:`port`, whose rendezvous rank 0 serves (`store`:
+    the driver's, created before the workers so that the port is never free for someone else to take)."""
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=CONTROL_TIMEOUT)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, CONTROL_TIMEOUT)
+    if model_timeout_s is None:  # the environment reaches spawned workers too
+        model_timeout_s = float(os.environ.get("EMBER_TP_TIMEOUT_S", MODEL_TIMEOUT_S))
+    timeout = datetime.timedelta(seconds=model_timeout_s)
     if device.type == "cuda":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
@@ -85,3 +96,8 @@ def connect(rank: int, size: int, port: int, device: torch.device,
     else:
         group = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, size, timeout)
     return TensorParallel(rank, size, group, control, store)
+
+
+def rendezvous(size: int) -> Any:
+    """The driver's rendezvous store on a free port of 127.0.0.1 (its `.port`), before any worker exists."""
+    return dist.TCPStore("127.0.0.1", 0, size, True, timeout=CONTROL_TIMEOUT, wait_for_workers=False)

@@ -61,7 +61,8 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        self.engine.close()
+        # Stopping tensor-parallel workers waits for their processes: not on the event loop.
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
     # -------------------------------------------------------------------------------------- requests
     async def generate(self, prompt: str | None, prompt_token_ids: list[int] | None, params: SamplingParams,

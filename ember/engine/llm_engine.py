@@ -199,7 +199,14 @@ class LLMEngine:
             self._finalizer = weakref.finalize(self, self.workers.stop)
             logger.info("tensor parallelism over %d processes: steps run eager and synchronous (no CUDA graphs, "
                         "no async scheduling)", config.tensor_parallel_size)
-        self.loaded = loaded or load_model(config)
+        try:
+            self._build(config, loaded or load_model(config))
+        except BaseException:
+            self.close()  # the workers would otherwise outlive a failed engine until the traceback is dropped
+            raise
+
+    def _build(self, config: EngineConfig, loaded: LoadedModel) -> None:
+        self.loaded = loaded
         self.arch = self.loaded.arch
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -253,7 +260,8 @@ class LLMEngine:
                     t.cuda_graphs_s, t.warm_up_s)
 
     def close(self) -> None:
-        """Stop the tensor-parallel workers, if any (an engine without them holds nothing to release)."""
+        """Stop the tensor-parallel workers, if any (an engine without them holds nothing to release); its steps
+        fail afterwards."""
         if self.workers is not None:
             self._finalizer()
 
@@ -354,6 +362,8 @@ class LLMEngine:
         Sampled tokens then trail by one step; a chunk that samples nothing reports in its own step, as it
         would synchronously.
         """
+        if self.workers is not None and self.workers.stopped:
+            raise RuntimeError("this engine was closed: its tensor-parallel workers have exited")
         # A sequence whose pending token is certainly its last (by length) needs no further step: skipped before
         # the scheduler gives it a block, which could cost another sequence a preemption. (Waiting sequences
         # have no pending token: one preempted with it is not readmitted before the next read-back.)

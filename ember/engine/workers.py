@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import socket
+import os
+import signal
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 
 from ember.config import EngineConfig
-from ember.distributed.parallel import TensorParallel, connect
+from ember.distributed.parallel import TensorParallel, connect, rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -27,21 +29,20 @@ READY_TIMEOUT_S = 1800.0  # loading a large model from a slow disk takes minutes
 STOP_TIMEOUT_S = 10.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class WorkerGroup:
     """The driver's handle on its workers."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.size = config.tensor_parallel_size
         self.device = _device(config, 0)
-        self.port = _free_port()
+        if self.device.type == "cuda" and self.device.index is not None:
+            raise ValueError(f"--device {config.device} with --tensor-parallel-size {self.size}: rank r uses GPU r; "
+                             "choose the GPUs with CUDA_VISIBLE_DEVICES and give --device cuda")
+        self.store = rendezvous(self.size)
+        self.port = self.store.port
         self.tp: TensorParallel | None = None
         self.running = False  # in their step loop: a stop message reaches them
+        self.stopped = False
         ctx = mp.get_context("spawn")
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
@@ -58,12 +59,16 @@ class WorkerGroup:
         """Join the workers' group as rank 0, once each has started (a worker that dies on its way, e.g. a script
         without `if __name__ == "__main__":` that spawn re-runs, is reported instead of awaited)."""
         self._wait_for("started", "while starting", timeout_s)
-        self.tp = connect(0, self.size, self.port, self.device)
+        self.tp = connect(0, self.size, self.port, self.device, store=self.store)
         return self.tp
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Until every worker has loaded its shards; raises the first worker's error (or death) instead."""
+        """Until every worker has loaded its shards (raises the first worker's error, or death, instead); then
+        all ranks go on together to size the KV cache, whose collectives would time out on a rank that loads
+        much slower than the others."""
         self._wait_for("ready", "while loading", timeout_s)
+        assert self.tp is not None
+        self.tp.broadcast_object(("start", None))
 
     def _wait_for(self, what: str, during: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -83,14 +88,16 @@ class WorkerGroup:
 
     def stop(self) -> None:
         """Tell the workers to exit (or terminate them); idempotent."""
+        self.stopped = True
         if self.running and self.tp is not None:
             self.running = False
             try:
                 self.tp.broadcast_object(("stop", None))
             except Exception:  # a worker already gone: terminated below
                 logger.debug("stop message to tensor-parallel workers failed", exc_info=True)
-        for proc in self.procs:
-            proc.join(STOP_TIMEOUT_S if proc.is_alive() else 0)
+            for proc in self.procs:
+                proc.join(STOP_TIMEOUT_S)
+        for proc in self.procs:  # not in their loop (a failed start), or not listening
             if proc.is_alive():
                 proc.terminate()
                 proc.join(STOP_TIMEOUT_S)
@@ -115,6 +122,10 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp-worker-{rank} %(name)s: "
                         "%(message)s")
+    # Ctrl-C in a terminal reaches the whole process group: the driver decides when its workers stop (after
+    # draining requests), by a stop message; if it dies instead, the watchdog below ends the worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
     try:
         device = _device(config, rank)
         if device.type == "cuda":
@@ -128,6 +139,8 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
         return
     conn.send(("ready", None))
     conn.close()
+    if tp.broadcast_object()[0] != "start":  # the driver gave up before sizing the cache
+        return
     num_blocks = num_kv_blocks(config, loaded, config.block_size, tp)
     kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size, loaded.dtype, device, tp.size)
     runner = ModelRunner(loaded.model, kv_caches, config.block_size, device,
@@ -137,3 +150,17 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
         if kind == "stop":
             return
         runner.forward_on_worker(batch)
+
+
+def _exit_with_parent() -> None:
+    """End this worker when the driver process ends, however it ends (a killed driver sends no stop message, and
+    an idle worker waits for one without a timeout)."""
+    parent = mp.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="ember-tp-watchdog", daemon=True).start()

@@ -373,31 +373,33 @@ class WeightPlacer:
                              "config.json declares no FP8 quantization (a compressed-tensors quantization_config)")
         p = self.params[target]
         dst = p.data if shard is None else p.data.narrow(0, *self.offsets[shard])
-        cut = self._cut(target, shard, shape) if self.tp.enabled else None
+        cut = self._cut(name, target, shard, shape) if self.tp.enabled else None
         kept = list(shape)
         if cut is not None and len(shape) > cut[0]:
             kept[cut[0]] = sum(n for _, n in cut[1])
         if tuple(dst.shape) != tuple(kept):
-            raise ValueError(f"{name}: checkpoint shape {tuple(shape)} != model {tuple(dst.shape)}"
-                             + (f" (this rank's share of tensor-parallel {self.tp.size})" if cut else ""))
+            share = f" (this rank's share {tuple(kept)} of {self.tp.size})" if cut else ""
+            raise ValueError(f"{name}: checkpoint shape {tuple(shape)}{share} != model {tuple(dst.shape)}")
         # A fused tensor saved by ember itself fills every shard at once.
         self.loaded.update(f"{target}:{s}" for s in ((shard,) if shard else _expected_shards(target)))
         return dst, cut
 
-    def _cut(self, target: str, shard: str | None, shape: tuple[int, ...]) -> Cut | None:
+    def _cut(self, name: str, target: str, shard: str | None, shape: tuple[int, ...]) -> Cut | None:
         tp = self.tp
+        if not shape:
+            return None
         if shard is not None:  # q/k/v or gate/up on its own: this rank's rows (whole heads)
-            return 0, (tp.shard(shape[0], target),)
+            return 0, (tp.shard(shape[0], f"{name} rows"),)
         if target.endswith(("qkv_proj.weight", "qkv_proj.bias", "gate_up_proj.weight")):  # saved fused
             parts = ("q", "k", "v") if "qkv_proj" in target else ("gate", "up")
             pieces = []
             for part in parts:
                 offset, length = self.full[part]
-                start, n = tp.shard(length, f"{target} ({part})")
+                start, n = tp.shard(length, f"{name} ({part} rows)")
                 pieces.append((offset + start, n))
             return 0, tuple(pieces)
-        if target.endswith(("o_proj.weight", "down_proj.weight")):  # this rank's input columns
-            return 1, (tp.shard(shape[1], target),)
+        if target.endswith(("o_proj.weight", "down_proj.weight")) and len(shape) == 2:  # this rank's input columns
+            return 1, (tp.shard(shape[1], f"{name} columns"),)
         return None  # replicated: embeddings, norms, lm_head, biases of the row-parallel layers (none in Llama)
 
     def check_complete(self) -> None:

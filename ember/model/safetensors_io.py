@@ -114,6 +114,12 @@ def read_tensors(copies: list[tuple[TensorRecord, torch.Tensor]], threads: int |
         with ThreadPoolExecutor(threads, thread_name_prefix="ember-weights") as pool:
             for fut in [pool.submit(job) for job in jobs]:
                 fut.result()
+    if device.type == "cuda":
+        # torch's host allocator would keep the staging memory pinned for the life of the process.
+        del staging, buffers, jobs
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
+        if empty_host_cache is not None:
+            empty_host_cache()
 
 
 Pieces = queue.SimpleQueue[tuple[int, int, torch.Tensor]]  # (file descriptor, file offset, destination bytes)

@@ -52,6 +52,8 @@ def test_fixed_replicas_and_resources() -> None:
     assert explicit["ray_actor_options"]["num_gpus"] == 0.5
     # A tensor-parallel replica reserves a GPU per rank.
     assert ray_serve.deployment_options(_args("-tp", "4"), cluster_gpus=8)["ray_actor_options"]["num_gpus"] == 4.0
+    with pytest.raises(ValueError, match="needs a GPU per rank"):
+        ray_serve.deployment_options(_args("-tp", "4", "--num-gpus-per-replica", "2"), cluster_gpus=8)
     # --device cpu on a GPU cluster reserves no GPU.
     assert ray_serve.deployment_options(_args("--device", "cpu"), cluster_gpus=8)["ray_actor_options"][
         "num_gpus"] == 0.0

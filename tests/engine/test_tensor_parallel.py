@@ -111,3 +111,35 @@ def test_a_dead_worker_fails_the_next_step_at_once(tiny_dir: Path) -> None:
         llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(max_tokens=4))
     assert time.monotonic() - t < 30
     llm.engine.close()
+
+
+def test_idle_workers_outlive_the_model_timeout_and_ignore_ctrl_c(tiny_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker waits for the next step as long as the server is idle (the model's all-reduce timeout, 2 s here,
+    does not apply to that wait), and a Ctrl-C that reaches the whole process group leaves it to the driver."""
+    monkeypatch.setenv("EMBER_TP_TIMEOUT_S", "2")  # inherited by the spawned workers
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm = LLM(str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20)
+    try:
+        first = llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=sp)[0].outputs[0].token_ids
+        assert llm.engine.workers is not None
+        worker = llm.engine.workers.procs[0]
+        os.kill(worker.pid, signal.SIGINT)
+        time.sleep(4.0)
+        assert worker.is_alive()
+        assert llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=sp)[0].outputs[0].token_ids == first
+    finally:
+        llm.engine.close()
+
+
+def test_a_closed_engine_says_so(tiny_dir: Path) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20))
+    engine.close()
+    engine.add_request("r", None, [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="engine was closed"):
+        engine.step()
+
+
+def test_an_explicit_gpu_index_is_refused_with_tensor_parallelism() -> None:
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
+        LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cuda:1", tensor_parallel_size=2))
