@@ -127,6 +127,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="names clients may use for the model; the first is canonical (default: MODEL)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quantization", "-q", default=d.quantization, choices=["fp8"],
+                   help="fp8: FP8 matmuls (weights per output channel, activations per token), on Hopper GPUs or "
+                        "the CPU; from any checkpoint, bf16 or FP8")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"],
                    help="dummy: random weights with the real shapes")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where the model runs")
@@ -203,6 +206,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         tokenizer=args.tokenizer,
         load_format=args.load_format,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         seed=args.seed,
         max_model_len=args.max_model_len,

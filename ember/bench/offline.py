@@ -15,7 +15,7 @@ from ember.bench.roofline import (
     kv_bytes_per_token,
     matmul_flops_per_token,
     measure,
-    weight_bytes_per_step,
+    model_weight_bytes,
 )
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
@@ -56,7 +56,7 @@ def _engine_info(engine: LLMEngine) -> dict[str, Any]:
 
 def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     engine = LLMEngine(config)
-    roof = measure(engine.device, engine.dtype)
+    roof = measure(engine.device, engine.dtype, fp8=engine.config.quantization == "fp8")
     prompts = random_prompts(args.batch_size, args.input_len, engine.arch.vocab_size)
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     run_to_completion(engine, prompts, sp.clone(max_tokens=8), "warm")
@@ -71,12 +71,14 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     tpot = (e2e - ttft) / (args.output_len - 1)
     b = args.batch_size
     avg_ctx = args.input_len + args.output_len / 2
-    floor = roof.step_time(engine.arch, engine.dtype, b, b * avg_ctx, attention_flops(engine.arch, b, avg_ctx))
+    weights = model_weight_bytes(engine.model)
+    floor = roof.step_time(engine.arch, engine.dtype, b, b * avg_ctx, attention_flops(engine.arch, b, avg_ctx),
+                           weight_bytes=weights)
     return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
             "bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_tflop_s": roof.matmul_rate / 1e12,
-            "weight_gb": weight_bytes_per_step(engine.arch, engine.dtype) / 1e9,
+            "weight_gb": weights / 1e9,
             "roofline_tpot_ms": floor * 1e3, "roofline_tok_s": b / floor, "pct_of_roofline": 100 * floor / tpot}
 
 
@@ -94,7 +96,7 @@ def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: i
 
 def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     engine = LLMEngine(config)
-    roof = measure(engine.device, engine.dtype)
+    roof = measure(engine.device, engine.dtype, fp8=engine.config.quantization == "fp8")
     prompts = random_prompts(args.num_prompts, args.input_len, engine.arch.vocab_size)
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     run_to_completion(engine, prompts[:8], sp.clone(max_tokens=4), "warm")

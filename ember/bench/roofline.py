@@ -48,13 +48,26 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / _time(lambda: dst.copy_(src), device, 10)
 
 
-def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
-    """FLOP/s of a large square matmul on random data."""
+def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192, fp8: bool = False) -> float:
+    """FLOP/s of a large square matmul on random data (`fp8`: of FP8 operands, as `--quantization fp8` runs)."""
     if device.type != "cuda":
         n = 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    if fp8:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        return 2 * n ** 3 / _time(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype),
+                                  device, 10)
     return 2 * n ** 3 / _time(lambda: a @ b, device, 10)
+
+
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a forward reads, as stored (FP8 projections count one byte a value); the embedding
+    table is read only for the rows used, so it counts only when it is also the lm_head."""
+    tied = model.config.tie_word_embeddings  # type: ignore[union-attr]
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()  # tied tensors once
+               if tied or name != "model.embed_tokens.weight")
 
 
 def param_count(arch: ModelArchConfig) -> int:
@@ -93,14 +106,17 @@ class Roofline:
     matmul_rate: float  # FLOP/s
 
     def step_time(self, arch: ModelArchConfig, dtype: torch.dtype, new_tokens: int, kv_tokens_read: float,
-                  attn_flops: float, lm_head_rows: int | None = None) -> float:
-        """Floor for one forward: max(bytes / bandwidth, FLOPs / matmul rate)."""
-        bytes_ = weight_bytes_per_step(arch, dtype) + kv_tokens_read * kv_bytes_per_token(arch, dtype)
+                  attn_flops: float, lm_head_rows: int | None = None, weight_bytes: int | None = None) -> float:
+        """Floor for one forward: max(bytes / bandwidth, FLOPs / matmul rate). `weight_bytes`: of the model as
+        loaded (`model_weight_bytes`), when it is not all in `dtype`."""
+        if weight_bytes is None:
+            weight_bytes = weight_bytes_per_step(arch, dtype)
+        bytes_ = weight_bytes + kv_tokens_read * kv_bytes_per_token(arch, dtype)
         flops = matmul_flops_per_token(arch) * new_tokens + attn_flops
         if lm_head_rows is not None:  # only sampled rows go through the lm_head
             flops -= 2 * arch.vocab_size * arch.hidden_size * (new_tokens - lm_head_rows)
         return max(bytes_ / self.bandwidth, flops / self.matmul_rate)
 
 
-def measure(device: torch.device, dtype: torch.dtype) -> Roofline:
-    return Roofline(measure_bandwidth(device), measure_matmul(device, dtype))
+def measure(device: torch.device, dtype: torch.dtype, fp8: bool = False) -> Roofline:
+    return Roofline(measure_bandwidth(device), measure_matmul(device, dtype, fp8=fp8))

@@ -23,6 +23,7 @@ from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
 from ember.engine.workers import WorkerGroup
 from ember.kernels.startup import prepare_triton_in_background
+from ember.model import fp8
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
 from ember.model.loader import build_model, embedded_gguf_path, resolve_model
@@ -114,6 +115,8 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
     triton_startup = prepare_triton_in_background() if device.type == "cuda" else None
     torch.manual_seed(config.seed)
     model = build_model(source, arch, dtype, device, max_model_len, config.seed, tp)
+    if config.quantization is not None:
+        _quantize(model, config.quantization, device)
     if triton_startup is not None:
         triton_startup.join()  # done by now, normally: the weight reads take longer
     timings.weights_s = time.perf_counter() - t2
@@ -130,6 +133,17 @@ def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
     if requested > limit:
         raise ValueError(f"--max-model-len {requested} exceeds the model's limit of {limit} tokens")
     return requested
+
+
+def _quantize(model: LlamaForCausalLM, method: str, device: torch.device) -> None:
+    if method != "fp8":
+        raise ValueError(f"unknown quantization {method!r}; ember has fp8")
+    if not fp8.supported(device):
+        raise ValueError(f"--quantization fp8 needs a GPU of compute capability 9.0 or later (Hopper), or the CPU; "
+                         f"{device} is {torch.cuda.get_device_name(device)}")
+    n = fp8.convert_to_fp8(model)
+    logger.info("FP8 matmuls: %d of %d projections (FP8 weights per output channel, activations per token)",
+                n, 4 * model.config.num_hidden_layers)
 
 
 def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, block_size: int, tp: TensorParallel) -> int:

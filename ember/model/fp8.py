@@ -1,0 +1,87 @@
+"""FP8 matmuls (W8A8): weights stored as float8_e4m3fn with one scale per output channel, activations quantized
+per token at run time, products by `torch._scaled_mm` (cuBLASLt on Hopper, the same call on CPUs).
+
+A decode step reads every weight once: FP8 halves those bytes, the bulk of a small batch's step. Weights are
+quantized at load from the model's (dequantized) values, so a bf16 checkpoint (`--quantization fp8`, as vLLM's
+flag does) and an FP8 one end up alike; per-channel scales are what the fused q/k/v and gate/up parameters need
+anyway, since their parts come with separate per-tensor scales in FP8 checkpoints. Embeddings and the lm_head stay
+in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+# An all-zero row would get a zero scale and divide by it.
+MIN_SCALE = 1e-12
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `x` [M, K] as FP8 with its own fp32 scale [M, 1]: x ~= q * scale."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def supported(device: torch.device) -> bool:
+    """Row-wise scaled FP8 matmuls: Hopper (sm90) and later, or the CPU."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W.T (+ bias) with W in FP8: [out, in] row-major, which `_scaled_mm` takes transposed (column-major)
+    as its second operand."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale = nn.Parameter(weight_scale.reshape(1, -1).contiguous(), requires_grad=False)  # [1, out]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        q, scale = quantize_rows(linear.weight.data)
+        return cls(q, scale, None if linear.bias is None else linear.bias.data)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        xq, x_scale = quantize_activations(x2)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 activations: one Triton kernel on CUDA, `quantize_rows` elsewhere."""
+    if x.is_cuda:
+        from ember.kernels.fp8_quant import quantize_rows_fp8
+
+        return quantize_rows_fp8(x)
+    return quantize_rows(x)
+
+
+def can_convert(linear: nn.Linear) -> bool:
+    # cuBLASLt's FP8 products need both the reduction and the output width in multiples of 16.
+    return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def convert_to_fp8(model: nn.Module) -> int:
+    """Replace the q/k/v, o, gate/up and down projections by FP8 ones quantized from their current weights; returns
+    how many were converted (a projection whose widths are not multiples of 16 stays as it is)."""
+    converted = 0
+    for layer in model.model.layers:  # type: ignore[union-attr]
+        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            linear = getattr(parent, name)
+            if isinstance(linear, nn.Linear) and can_convert(linear):
+                setattr(parent, name, Fp8Linear.from_linear(linear))
+                converted += 1
+    return converted
