@@ -32,6 +32,16 @@ class LLM:
         self.tokenizer = engine.tokenizer
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes now rather than when the object is collected."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generate(self, prompts: str | list[str] | list[list[int]] | None = None,
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  prompt_token_ids: list[list[int]] | None = None) -> list[RequestOutput]:

@@ -89,13 +89,12 @@ def test_a_shared_loaded_model_cannot_be_tensor_parallel(tiny_dir: Path) -> None
 
 
 def test_close_stops_the_workers_and_is_idempotent(tiny_dir: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20))
-    assert engine.workers is not None
-    procs = list(engine.workers.procs)
-    assert all(p.is_alive() for p in procs)
-    engine.close()
-    engine.close()
+    with LLM(str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20) as llm:
+        assert llm.engine.workers is not None
+        procs = list(llm.engine.workers.procs)
+        assert all(p.is_alive() for p in procs)
     assert all(not p.is_alive() and p.exitcode == 0 for p in procs)  # exited on the stop message
+    llm.close()  # again: nothing left to stop
 
 
 def test_a_dead_worker_fails_the_next_step_at_once(tiny_dir: Path) -> None:
