@@ -79,7 +79,12 @@ class WorkerGroup:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"tensor-parallel worker {rank} did not report {what!r} within "
                                        f"{timeout_s:.0f} s")
-            kind, detail = conn.recv()
+            try:
+                kind, detail = conn.recv()
+            except EOFError:  # the worker closed its end without a word: it is exiting
+                proc.join(5.0)
+                raise RuntimeError(f"tensor-parallel worker {rank} exited (code {proc.exitcode}) {during}; see its "
+                                   "output above") from None
             if kind != what:
                 raise RuntimeError(f"tensor-parallel worker {rank} failed {during}: {detail}")
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -142,3 +144,17 @@ def test_a_closed_engine_says_so(tiny_dir: Path) -> None:
 def test_an_explicit_gpu_index_is_refused_with_tensor_parallelism() -> None:
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES"):
         LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cuda:1", tensor_parallel_size=2))
+
+
+def test_a_script_without_the_main_guard_fails_fast_and_says_why(tiny_dir: Path, tmp_path: Path) -> None:
+    """Spawned workers re-import the main module: an unguarded script's workers die while starting, and the
+    driver says so at once instead of waiting for them at the rendezvous."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from ember import LLM\nLLM({str(tiny_dir)!r}, tensor_parallel_size=2, "
+                      "kv_cache_memory_bytes=1 << 20)\n")
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "tensor-parallel worker 1 exited (code 1) while starting" in r.stderr
+    assert "if __name__ == '__main__':" in r.stderr  # Python's own explanation, from the worker
+    assert time.monotonic() - t < 60
