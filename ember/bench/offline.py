@@ -51,7 +51,10 @@ def run_info(device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> dic
 
 
 def _engine_info(engine: LLMEngine) -> dict[str, Any]:
-    return run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled)
+    # The rooflines are one GPU's (its measured rates, the whole model's FLOPs and KV bytes; the weight bytes are
+    # those this process holds): with tensor parallelism they are not the group's ceiling.
+    return {**run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled),
+            "quantization": engine.config.quantization, "tensor_parallel_size": engine.tp.size}
 
 
 def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:

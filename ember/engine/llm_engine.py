@@ -23,7 +23,6 @@ from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
 from ember.engine.workers import WorkerGroup
 from ember.kernels.startup import prepare_triton_in_background
-from ember.model import fp8
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
 from ember.model.loader import build_model, embedded_gguf_path, resolve_model
@@ -79,6 +78,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     timings: LoadTimings
+    quantization: str | None = None  # what the projections were turned into (EngineConfig.quantization)
 
 
 def use_compile_cache(path: str) -> None:
@@ -114,13 +114,12 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
 
     triton_startup = prepare_triton_in_background() if device.type == "cuda" else None
     torch.manual_seed(config.seed)
-    model = build_model(source, arch, dtype, device, max_model_len, config.seed, tp)
-    if config.quantization is not None:
-        _quantize(model, config.quantization, device)
+    model = build_model(source, arch, dtype, device, max_model_len, config.seed, tp, config.quantization)
     if triton_startup is not None:
         triton_startup.join()  # done by now, normally: the weight reads take longer
     timings.weights_s = time.perf_counter() - t2
-    return LoadedModel(source.name, arch, model, tokenizer, device, dtype, max_model_len, timings)
+    return LoadedModel(source.name, arch, model, tokenizer, device, dtype, max_model_len, timings,
+                       config.quantization)
 
 
 def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
@@ -133,17 +132,6 @@ def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
     if requested > limit:
         raise ValueError(f"--max-model-len {requested} exceeds the model's limit of {limit} tokens")
     return requested
-
-
-def _quantize(model: LlamaForCausalLM, method: str, device: torch.device) -> None:
-    if method != "fp8":
-        raise ValueError(f"unknown quantization {method!r}; ember has fp8")
-    if not fp8.supported(device):
-        raise ValueError(f"--quantization fp8 needs a GPU of compute capability 9.0 or later (Hopper), or the CPU; "
-                         f"{device} is {torch.cuda.get_device_name(device)}")
-    n = fp8.convert_to_fp8(model)
-    logger.info("FP8 matmuls: %d of %d projections (FP8 weights per output channel, activations per token)",
-                n, 4 * model.config.num_hidden_layers)
 
 
 def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, block_size: int, tp: TensorParallel) -> int:
@@ -213,6 +201,9 @@ class LLMEngine:
             self._finalizer = weakref.finalize(self, self.workers.stop)
             logger.info("tensor parallelism over %d processes: steps run eager and synchronous (no CUDA graphs, "
                         "no async scheduling)", config.tensor_parallel_size)
+        if loaded is not None and loaded.quantization != config.quantization:
+            raise ValueError(f"the shared model was loaded with quantization {loaded.quantization!r}, this engine's "
+                             f"config asks for {config.quantization!r}")
         try:
             self._build(config, loaded or load_model(config))
         except BaseException:

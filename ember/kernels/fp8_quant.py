@@ -31,6 +31,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, stride_q, f
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [M, K] float8_e4m3fn, scale [M, 1] fp32) with x ~= q * scale, row by row."""
     n_rows, n_cols = x.shape
+    assert x.stride(1) == 1, "rows must be contiguous"
     q = torch.empty((n_rows, n_cols), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     if n_rows:

@@ -2,10 +2,10 @@
 per token at run time, products by `torch._scaled_mm` (cuBLASLt on Hopper, the same call on CPUs).
 
 A decode step reads every weight once: FP8 halves those bytes, the bulk of a small batch's step. Weights are
-quantized at load from the model's (dequantized) values, so a bf16 checkpoint (`--quantization fp8`, as vLLM's
-flag does) and an FP8 one end up alike; per-channel scales are what the fused q/k/v and gate/up parameters need
-anyway, since their parts come with separate per-tensor scales in FP8 checkpoints. Embeddings and the lm_head stay
-in the model's dtype.
+quantized at load from the model's values: a bf16 checkpoint's (`--quantization fp8`, as vLLM's flag does) with
+each row's absolute maximum, an FP8 checkpoint's with its own scales, which gives back its FP8 values exactly.
+One scale per output row is what the fused q/k/v and gate/up parameters need anyway: their parts come with
+separate per-tensor scales. Embeddings and the lm_head stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,18 +19,24 @@ FP8_MAX = torch.finfo(FP8).max
 MIN_SCALE = 1e-12
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of `x` [M, K] as FP8 with its own fp32 scale [M, 1]: x ~= q * scale."""
+def quantize_rows(x: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of `x` [M, K] as FP8 with its own fp32 scale [M, 1] (`scales`, or the row's absolute maximum
+    over FP8_MAX): x ~= q * scale."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
+    if scales is None:
+        scale = xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    else:
+        scale = scales.to(xf.device, torch.float32).reshape(-1, 1)
+    scale = scale.clamp(min=MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def supported(device: torch.device) -> bool:
-    """Row-wise scaled FP8 matmuls: Hopper (sm90) and later, or the CPU."""
+    """Row-wise scaled FP8 matmuls: Hopper and Blackwell data-center GPUs (sm90, sm100), or the CPU. (cuBLASLt
+    refuses row-wise scaling on consumer Blackwell, sm120: pytorch issue 192707.)"""
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
 
 
 class Fp8Linear(nn.Module):
@@ -45,8 +51,9 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        q, scale = quantize_rows(linear.weight.data)
+    def from_linear(cls, linear: nn.Linear, row_scales: torch.Tensor | None = None) -> Fp8Linear:
+        """`row_scales`: each row's scale (an FP8 checkpoint's), instead of its absolute maximum / FP8_MAX."""
+        q, scale = quantize_rows(linear.weight.data, row_scales)
         return cls(q, scale, None if linear.bias is None else linear.bias.data)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,15 +80,18 @@ def can_convert(linear: nn.Linear) -> bool:
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
-def convert_to_fp8(model: nn.Module) -> int:
-    """Replace the q/k/v, o, gate/up and down projections by FP8 ones quantized from their current weights; returns
-    how many were converted (a projection whose widths are not multiples of 16 stays as it is)."""
+def convert_to_fp8(model: nn.Module, row_scales: dict[str, torch.Tensor] | None = None) -> int:
+    """Replace the q/k/v, o, gate/up and down projections by FP8 ones quantized from their current weights (with
+    `row_scales[param name]`, an FP8 checkpoint's scales per row, where given); returns how many were converted
+    (a projection whose widths are not multiples of 16 stays as it is)."""
+    row_scales = row_scales or {}
     converted = 0
-    for layer in model.model.layers:  # type: ignore[union-attr]
-        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
-                             (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+    for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
+        for parent, path, name in ((layer.self_attn, "self_attn", "qkv_proj"), (layer.self_attn, "self_attn", "o_proj"),
+                                   (layer.mlp, "mlp", "gate_up_proj"), (layer.mlp, "mlp", "down_proj")):
             linear = getattr(parent, name)
             if isinstance(linear, nn.Linear) and can_convert(linear):
-                setattr(parent, name, Fp8Linear.from_linear(linear))
+                scales = row_scales.get(f"model.layers.{i}.{path}.{name}.weight")
+                setattr(parent, name, Fp8Linear.from_linear(linear, scales))
                 converted += 1
     return converted

@@ -430,16 +430,41 @@ def _read_cut(st: Any, name: str, cut: Cut | None) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], total: int | None) -> None:
-    """Copy each checkpoint tensor straight into its (slice of a) final parameter, one tensor at a time."""
+def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], total: int | None,
+                 scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Copy each checkpoint tensor straight into its (slice of a) final parameter, one tensor at a time.
+
+    `scales`: an FP8 checkpoint's `*.weight_scale`s, for FP8 matmuls. Returns, per parameter they apply to, the
+    scale of each of its rows (per-tensor scales spread over their part of a fused q/k/v or gate/up), so that
+    requantizing the dequantized weights with them gives back the checkpoint's FP8 values."""
     placer = WeightPlacer(model)
+    row_scales: dict[str, torch.Tensor] = {}
     for name, tensor in tqdm(weights, total=total, desc="loading weights", unit="tensor", leave=False,
                              disable=None):
         placed = placer.destination(name, tuple(tensor.shape), tensor.dtype)
-        if placed is not None:
-            dst, cut = placed
-            dst.copy_(cut_tensor(tensor, cut))
+        if placed is None:
+            continue
+        dst, cut = placed
+        dst.copy_(cut_tensor(tensor, cut))
+        if scales is not None and name + "_scale" in scales:
+            _place_row_scales(row_scales, placer, name, scales[name + "_scale"], dst, cut)
     placer.check_complete()
+    return row_scales
+
+
+def _place_row_scales(row_scales: dict[str, torch.Tensor], placer: WeightPlacer, name: str, scale: torch.Tensor,
+                      dst: torch.Tensor, cut: Cut | None) -> None:
+    target, shard = _shard_target(name)
+    rows = dst.shape[0]
+    scale = scale.float().reshape(-1)
+    if scale.numel() == 1:
+        values = scale.expand(rows)
+    else:  # per output channel: this rank's rows when the rows are what tensor parallelism cuts
+        values = cut_tensor(scale, cut) if cut is not None and cut[0] == 0 else scale
+    param = placer.params[target]
+    full = row_scales.setdefault(target, torch.ones(param.shape[0], dtype=torch.float32))
+    start = placer.offsets[shard][0] if shard is not None else 0
+    full[start:start + rows] = values.cpu()
 
 
 def load_safetensors(model: LlamaForCausalLM, path: Path) -> None:
@@ -502,8 +527,10 @@ def _no_param_init() -> Iterator[None]:
 
 
 def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, seed: int, tp: TensorParallel | None = None) -> LlamaForCausalLM:
-    """Allocate parameters once, in their final dtype and device (this rank's shards), then fill them."""
+                max_positions: int, seed: int, tp: TensorParallel | None = None,
+                quantization: str | None = None) -> LlamaForCausalLM:
+    """Allocate parameters once, in their final dtype and device (this rank's shards), then fill them;
+    `quantization="fp8"`: then turn the projections into FP8 ones (`ember.model.fp8`)."""
     with torch.device("meta"), _no_param_init():
         model = LlamaForCausalLM(arch, max_positions, tp)
     # model.to(dtype).to_empty(device=device), with a factory: empty_like of a meta tensor runs torch's Python
@@ -513,6 +540,7 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
     if arch.tie_word_embeddings:  # to_empty makes new Parameter objects, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.build_cache(device)
+    checkpoint_scales: dict[str, torch.Tensor] | None = None  # an FP8 checkpoint's, for FP8 matmuls
     if source.kind == "dummy":
         _fill_dummy(model, seed)
     elif source.kind == "gguf":
@@ -524,9 +552,26 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
         if not arch.quantization:
             load_safetensors(model, source.weights_dir)
         else:
-            weights = dequantize_fp8(iter_safetensors_weights(source.weights_dir),
-                                     read_weight_scales(source.weights_dir), dtype, device)
-            load_weights(model, weights, None)
-            logger.info("FP8 checkpoint (compressed-tensors: %s): weights dequantized to %s at load",
-                        "; ".join(sorted({s.describe() for s in arch.quantization})), str(dtype).removeprefix("torch."))
+            scales = read_weight_scales(source.weights_dir)
+            weights = dequantize_fp8(iter_safetensors_weights(source.weights_dir), scales, dtype, device)
+            checkpoint_scales = load_weights(model, weights, None, scales if quantization == "fp8" else None)
+            logger.info("FP8 checkpoint (compressed-tensors: %s): weights dequantized to %s at load%s",
+                        "; ".join(sorted({s.describe() for s in arch.quantization})), str(dtype).removeprefix("torch."),
+                        ", then back to their FP8 values for FP8 matmuls" if quantization == "fp8" else "")
+    if quantization is not None:
+        quantize_model(model, quantization, device, checkpoint_scales)
     return model.eval()
+
+
+def quantize_model(model: LlamaForCausalLM, method: str, device: torch.device,
+                   row_scales: dict[str, torch.Tensor] | None = None) -> None:
+    from ember.model import fp8
+
+    if method != "fp8":
+        raise ValueError(f"unknown quantization {method!r}; ember has fp8")
+    if not fp8.supported(device):
+        raise ValueError(f"--quantization fp8 needs a Hopper or Blackwell data-center GPU (compute capability 9.x "
+                         f"or 10.x), or the CPU; {device} is {torch.cuda.get_device_name(device)}")
+    n = fp8.convert_to_fp8(model, row_scales)
+    logger.info("FP8 matmuls: %d of %d projections (FP8 weights per output channel, activations per token)",
+                n, 4 * model.config.num_hidden_layers)

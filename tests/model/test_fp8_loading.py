@@ -249,3 +249,31 @@ def test_block_shaped_scale_is_refused(tmp_path):
     d = _write_checkpoint(tmp_path / "fp8", shards, _fp8_quantization_config("channel"))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: weight_scale of shape"):
         _build(d, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_matmuls_keep_the_checkpoint_fp8_values(checkpoints, dtype):
+    """With `--quantization fp8` the projections hold the checkpoint's own FP8 values (not a second rounding of
+    the dequantized weights), each row with its checkpoint scale: per-tensor scales spread over their part of
+    the fused q/k/v and gate/up."""
+    from ember.model.fp8 import Fp8Linear
+
+    strategy, fp8_dir, _, _ = checkpoints
+    source = resolve_model(EngineConfig(model=str(fp8_dir)))
+    model = build_model(source, ModelArchConfig.from_hf(source.hf_config), dtype, torch.device("cpu"), 64, 0,
+                        quantization="fp8")
+    shards, _ = _fp8_shards(strategy)
+    stored = {n: t for shard in shards for n, t in shard.items()}
+    for i in range(TINY["num_hidden_layers"]):
+        pre = f"model.layers.{i}."
+        for fused, parts in (("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                             ("self_attn.o_proj", ("self_attn.o_proj",)),
+                             ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
+                             ("mlp.down_proj", ("mlp.down_proj",))):
+            module = model.get_submodule(pre + fused)
+            assert isinstance(module, Fp8Linear)
+            want_q = torch.cat([stored[pre + p + ".weight"] for p in parts])
+            want_s = torch.cat([stored[pre + p + ".weight_scale"].float().reshape(-1).expand(
+                stored[pre + p + ".weight"].shape[0]) for p in parts])
+            assert torch.equal(module.weight.view(torch.uint8), want_q.view(torch.uint8)), pre + fused
+            assert torch.equal(module.weight_scale.reshape(-1), want_s), pre + fused

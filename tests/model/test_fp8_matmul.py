@@ -93,3 +93,12 @@ def test_roofline_reads_the_weights_as_stored() -> None:
                  for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                            layer.mlp.down_proj))
     assert model_weight_bytes(fp8.model) == model_weight_bytes(full.model) - 3 * projections + 4 * scales
+
+
+def test_a_shared_model_must_match_the_engines_quantization() -> None:
+    from ember.config import EngineConfig
+    from ember.engine.llm_engine import LLMEngine
+
+    base = LLM(max_model_len=64, kv_cache_memory_bytes=1 << 20).engine
+    with pytest.raises(ValueError, match="loaded with quantization None"):
+        LLMEngine(EngineConfig(quantization="fp8", max_model_len=64, kv_cache_memory_bytes=1 << 20), base.loaded)
