@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 # How long a collective of the model (an all-reduce inside a forward pass) may wait for the other ranks before
 # raising (EMBER_TP_TIMEOUT_S overrides it): a stuck rank fails the engine instead of hanging it (torch's default
-# is 30 min). Every rank enters a
-# step's forward right after the driver sends it, so waits here are short unless something is wrong.
+# is 30 min). Every rank enters a step's forward right after the driver sends it, so waits here are short unless
+# something is wrong.
 MODEL_TIMEOUT_S = 120.0
 # The control group's waits are open-ended by nature: an idle worker waits for the next step as long as the server
 # is idle, and at startup for the slowest rank's load. A dead driver is noticed by the workers' own watchdog, and a

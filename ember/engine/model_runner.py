@@ -135,7 +135,7 @@ class ModelRunner:
         return _to_device(data, dtype, self.device)
 
     def prepare(self, sched: SchedulerOutput, prev: InflightStep | None = None) -> StepInputs:
-        batch = self.host_batch(sched)
+        batch, sample_seqs, prompt_lp = self._pack(sched)
         if self.tp.enabled:  # the workers run the same forward, joining its all-reduces
             assert prev is None, "tensor parallelism runs steps synchronously"
             self.tp.broadcast_object(("step", batch))
@@ -143,23 +143,17 @@ class ModelRunner:
         pending = PendingInputs.find(sched.scheduled, prev, self.device)
         if pending is not None:  # inputs still on the device (sampled by `prev`, not read back)
             pending.apply(inp.input_ids)
-        sample_seqs: list[Sequence] = []
-        prompt_lp: list[tuple[Sequence, int, int, int]] = []
-        row0 = 0
-        for item in sched.scheduled:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
-            if item.samples:
-                sample_seqs.append(seq)
-            if seq.request.wants_prompt_logprobs(seq) and start < seq.num_prompt_tokens:
-                prompt_lp.append((seq, start, row0, min(n, seq.num_prompt_tokens - start)))
-            row0 += n
         inp.sample_seqs, inp.prompt_lp = sample_seqs, prompt_lp
         return inp
 
-    def host_batch(self, sched: SchedulerOutput) -> HostBatch:
-        """The flat batch of a step as lists: what tensor-parallel workers are sent to run the same forward."""
+    def _pack(self, sched: SchedulerOutput
+              ) -> tuple[HostBatch, list[Sequence], list[tuple[Sequence, int, int, int]]]:
+        """The flat batch of a step as lists (what tensor-parallel workers are sent to run the same forward),
+        the sequences that sample, and the prefill chunks that want prompt logprobs."""
         bs = self.block_size
         b = HostBatch([], [], [], [0], [], [], [], [])
+        sample_seqs: list[Sequence] = []
+        prompt_lp: list[tuple[Sequence, int, int, int]] = []
         max_blocks = max(len(s.seq.block_table) for s in sched.scheduled)
         for item in sched.scheduled:
             seq, n = item.seq, item.num_new_tokens
@@ -177,7 +171,10 @@ class ModelRunner:
             b.block_tables.append(bt + [0] * (max_blocks - len(bt)))
             if item.samples:
                 b.logits_indices.append(row0 + n - 1)
-        return b
+                sample_seqs.append(seq)
+            if seq.request.wants_prompt_logprobs(seq) and start < seq.num_prompt_tokens:
+                prompt_lp.append((seq, start, row0, min(n, seq.num_prompt_tokens - start)))
+        return b, sample_seqs, prompt_lp
 
     def device_inputs(self, b: HostBatch) -> StepInputs:
         meta = AttentionMetadata(

@@ -81,6 +81,9 @@ def read_header(path: str) -> list[TensorRecord]:
     return sorted(records, key=lambda r: r.offset)
 
 
+Pieces = queue.SimpleQueue[tuple[int, int, torch.Tensor]]  # (file descriptor, file offset, destination bytes)
+
+
 def read_tensors(copies: list[tuple[TensorRecord, torch.Tensor]], threads: int | None = None,
                  piece_bytes: int = PIECE_BYTES) -> None:
     """Fill each destination (contiguous, of the record's dtype and size, all on one device) with its bytes."""
@@ -98,7 +101,7 @@ def read_tensors(copies: list[tuple[TensorRecord, torch.Tensor]], threads: int |
         for path in {rec.path for rec, _ in copies}:
             fds[path] = os.open(path, os.O_RDONLY)
             stack.callback(os.close, fds[path])
-        pieces: queue.SimpleQueue[tuple[int, int, torch.Tensor]] = queue.SimpleQueue()
+        pieces: Pieces = queue.SimpleQueue()
         for rec, dst in copies:
             flat = dst.reshape(-1).view(torch.uint8)
             for start in range(0, rec.nbytes, piece_bytes):
@@ -120,9 +123,6 @@ def read_tensors(copies: list[tuple[TensorRecord, torch.Tensor]], threads: int |
         empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
         if empty_host_cache is not None:
             empty_host_cache()
-
-
-Pieces = queue.SimpleQueue[tuple[int, int, torch.Tensor]]  # (file descriptor, file offset, destination bytes)
 
 
 def _pread_into(fd: int, offset: int, buf: memoryview) -> None:
