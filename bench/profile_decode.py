@@ -19,7 +19,7 @@ import torch
 
 from ember.bench.offline import random_prompts
 from ember.bench.profiling import kernel_family, kernel_times
-from ember.bench.roofline import measure_bandwidth, weight_bytes_per_step
+from ember.bench.roofline import measure_bandwidth, model_weight_bytes
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
@@ -34,10 +34,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--quantization", "-q", choices=["fp8"], default=None)
     args = ap.parse_args()
     eng = LLMEngine(EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer,
                                  max_model_len=4096, max_num_seqs=max(8, args.batch),
-                                 async_scheduling=args.async_scheduling))
+                                 async_scheduling=args.async_scheduling, quantization=args.quantization))
     vocab = eng.arch.vocab_size
     for i, p in enumerate(random_prompts(args.batch, args.context, vocab)):
         eng.add_request(f"d{i}", None, p, SamplingParams(max_tokens=4000 - args.context, ignore_eos=True))
@@ -77,12 +78,12 @@ def main() -> None:
 
 
     copy_bw = measure_bandwidth(eng.device)
-    wbytes = weight_bytes_per_step(eng.arch, eng.dtype)
+    wbytes = model_weight_bytes(eng.model)  # as stored: FP8 projections count a byte a value
     gemm_us = per_fam.get("gemm", 0.0)
     total_us = sum(per_fam.values())
     res = {
         "batch": args.batch, "padded_batch": size, "context": args.context,
-        "async_scheduling": eng.async_scheduling,
+        "async_scheduling": eng.async_scheduling, "quantization": args.quantization,
         "device": torch.cuda.get_device_name(),
         "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),
         "engine_step_ms": round(step_ms, 3), "families_us": {k: round(v, 1) for k, v in sorted(

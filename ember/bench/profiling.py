@@ -5,7 +5,8 @@ from __future__ import annotations
 # First match wins: the names are cuBLAS's (nvjet, cutlass, ...), torch's, and ember's Triton kernels.
 FAMILIES = [("gemm", ("gemm", "nvjet", "gemv", "cutlass", "sm90_xmma", "splitk")),
             ("attention", ("attention", "split_kv")), ("rms_norm", ("rms_norm",)), ("rotary", ("rotary",)),
-            ("silu_mul", ("silu",)), ("store_kv", ("store_kv",)), ("embedding", ("embedding", "indexselect")),
+            ("silu_mul", ("silu",)), ("store_kv", ("store_kv",)),
+            ("fp8_quant", ("quantize",)), ("embedding", ("embedding", "indexselect")),
             ("sampling", ("softmax", "topk", "sort", "argmax", "exponential", "max", "sum", "div")),
             ("copies", ("copy", "memcpy", "memset", "fill", "index", "gather", "cat"))]
 

@@ -1,5 +1,7 @@
-"""FP8 matmuls (W8A8): weights stored as float8_e4m3fn with one scale per output channel, activations quantized
-per token at run time, products by `torch._scaled_mm` (cuBLASLt on Hopper, the same call on CPUs).
+"""FP8 matmuls: weights stored as float8_e4m3fn with one scale per output channel. Larger batches (and the CPU)
+quantize their activations per token and multiply on FP8 tensor cores (`torch._scaled_mm`, cuBLASLt on
+Hopper); batch-1 decode on a GPU keeps its 16-bit activation and goes through ember's FP8 GEMV
+(`ember/kernels/fp8_gemv.py`), whose time is the weight bytes it streams.
 
 A decode step reads every weight once: FP8 halves those bytes, the bulk of a small batch's step. Weights are
 quantized at load from the model's values: a bf16 checkpoint's (`--quantization fp8`, as vLLM's flag does) with
@@ -59,11 +61,34 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        xq, x_scale = quantize_activations(x2)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        if uses_weight_only_kernel(x2):
+            from ember.kernels.fp8_gemv import fp8_gemv
+
+            y = fp8_gemv(x2.contiguous(), self.weight, self.weight_scale.view(-1), self.bias)
+        else:
+            xq, x_scale = quantize_activations(x2)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                 out_dtype=x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def uses_weight_only_kernel(x: torch.Tensor) -> bool:
+    """Whether a product with these activations [M, K] runs as ember's FP8 GEMV (one 16-bit row left unquantized:
+    batch-1 decode on a CUDA GPU, whose time is the weight reads) rather than as an FP8 x FP8 tensor-core matmul
+    (every other batch, and the CPU)."""
+    return x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (weight * scale).T (+ bias)` computed in fp32 and returned in x's dtype: the torch twin of the FP8
+    GEMV (`scale`: one value per row of `weight`)."""
+    y = x.float() @ (weight.float() * scale.reshape(-1, 1).float()).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,89 @@
+"""FP8-weight matrix-vector product for batch-1 decode: `x @ (W * scale).T` for one row x in bf16/fp16 and W in
+float8_e4m3fn with one fp32 scale per output row. Torch twin: `ember.model.fp8.dequantized_matmul`.
+
+A batch-1 decode step reads every weight once, so its time is the weight bytes over the memory rate, and FP8
+weights should halve it. cuBLASLt's row-wise scaled FP8 kernels are tiled for large M: at M = 1 on an H200 they
+read the 8B model's projections at ~1.9 TB/s, and need an activation-quantization launch before each product,
+which left the FP8 step slower than the bf16 one. Here each program streams a few whole rows of W (BLOCK_N rows,
+all of K) and widens them in registers: the activation stays unquantized (weight-only FP8, as accurate as the
+stored weights allow) and there is no extra launch. The products are multiplies and sums on the CUDA cores,
+which keep up with the memory at one row of x (at two or more rows, or as a padded `tl.dot`, this kernel
+streamed at half the rate or less, below cuBLASLt: bench/fp8_gemv.py).
+
+The first weight tile is requested before waiting for the kernel before (programmatic dependent launch,
+`ember/kernels/pdl.py`): weights are never written while a model serves, so that read is safe, and the ramp-up
+of one product overlaps the tail of the launch before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 3
+
+
+@triton.jit
+def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_rows + k[None, :])
+    return tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N re-read row N-1 instead of being masked: the weight loads stay unpredicated; results dropped.
+    offs_n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n_safe[:, None] * stride_wn
+    w = _weight_tile(w_rows, offs_k, K, EVEN_K)  # does not depend on the kernel before: in flight during the wait
+    pdl_wait(USE_PDL)
+    # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += _weight_tile(w_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
+    pdl_release(USE_PDL)
+    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + offs_n_safe)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def default_config(n: int, k: int) -> GemvConfig:
+    """The launch shape of an (n, k) product: the fastest on an H200 for the 8B model's four projections
+    (bench/fp8_gemv.py --sweep) was within a microsecond of this one for each."""
+    return GemvConfig(block_n=4, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4, num_stages=4)
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """`x @ (weight * scale[:, None]).T (+ bias)` for one row x `[1, k]`, weight `[n, k]` FP8 and `scale` `n`
+    fp32 values; the result `[1, n]` has x's dtype. `config` overrides the launch shape (benchmarks)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m == 1 and weight.shape[1] == k, (x.shape, weight.shape)
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and scale.numel() == n and scale.is_contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    config = config or default_config(n, k)
+    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
+    return out
