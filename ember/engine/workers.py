@@ -38,6 +38,9 @@ class WorkerGroup:
         if self.device.type == "cuda" and self.device.index is not None:
             raise ValueError(f"--device {config.device} with --tensor-parallel-size {self.size}: rank r uses GPU r; "
                              "choose the GPUs with CUDA_VISIBLE_DEVICES and give --device cuda")
+        if self.device.type == "cuda" and torch.cuda.device_count() < self.size:
+            raise ValueError(f"--tensor-parallel-size {self.size} needs {self.size} GPUs, one a rank; "
+                             f"{torch.cuda.device_count()} visible")
         self.store = rendezvous(self.size)
         self.port = self.store.port
         self.tp: TensorParallel | None = None

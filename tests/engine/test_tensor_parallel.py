@@ -70,7 +70,7 @@ def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     results = []
     for tp in (1, 3):
-        llm = LLM(tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=8 << 20)
+        llm = LLM(tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=8 << 20, device="cpu")
         try:
             results.append([o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts,
                                                                           sampling_params=sp)])
@@ -81,7 +81,14 @@ def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
 
 def test_heads_that_do_not_divide_are_refused(tiny_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size 3"):
-        LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=3, kv_cache_memory_bytes=1 << 20))
+        LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=3, kv_cache_memory_bytes=1 << 20,
+                               device="cpu"))
+
+
+def test_more_ranks_than_gpus_are_refused_before_any_worker_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="--tensor-parallel-size 3 needs 3 GPUs, one a rank; 2 visible"):
+        LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cuda", tensor_parallel_size=3))
 
 
 def test_a_shared_loaded_model_cannot_be_tensor_parallel(tiny_dir: Path) -> None:
