@@ -43,7 +43,8 @@ def supported(device: torch.device) -> bool:
 
 class Fp8Linear(nn.Module):
     """y = x @ W.T (+ bias) with W in FP8: [out, in] row-major, which `_scaled_mm` takes transposed (column-major)
-    as its second operand."""
+    as its second operand. `weight_scale` holds one scale per output row; when they are all one value (per-tensor
+    weights) `tensor_scale` holds it, and decode batches can use the tensor-wise kernels."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -51,44 +52,55 @@ class Fp8Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight_scale = nn.Parameter(weight_scale.reshape(1, -1).contiguous(), requires_grad=False)  # [1, out]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        first = self.weight_scale.reshape(-1)[:1]
+        uniform = bool((self.weight_scale == first).all())
+        self.tensor_scale = nn.Buffer(first.reshape(()).clone()) if uniform else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, row_scales: torch.Tensor | None = None) -> Fp8Linear:
-        """`row_scales`: each row's scale (an FP8 checkpoint's), instead of its absolute maximum / FP8_MAX."""
-        q, scale = quantize_rows(linear.weight.data, row_scales)
+    def from_linear(cls, linear: nn.Linear, row_scales: torch.Tensor | None = None,
+                    per_tensor: bool = True) -> Fp8Linear:
+        """FP8 weights with one scale for the matrix (`per_tensor`, from its absolute maximum or the largest of
+        `row_scales`) or one a row (from each row's absolute maximum, or `row_scales`: an FP8 checkpoint's)."""
+        w = linear.weight.data
+        if per_tensor:
+            top = w.float().abs().amax() / FP8_MAX if row_scales is None else row_scales.float().max()
+            row_scales = top.reshape(1).expand(w.shape[0])
+        q, scale = quantize_rows(w, row_scales)
         return cls(q, scale, None if linear.bias is None else linear.bias.data)
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """Which product serves activations `x` [M, K]: "gemv" (one 16-bit row, left unquantized, on a GPU),
+        "tensorwise" (a GPU decode batch of up to 64 rows, FP8 with one scale, per-tensor weights) or "rowwise"
+        (a scale per token and per weight row: larger batches, per-channel weights, and the CPU)."""
+        if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+            return "rowwise"
+        if x.shape[0] == 1:
+            return "gemv"
+        from ember.kernels.fp8_quant import MAX_TENSOR_ROWS
+
+        return "tensorwise" if self.tensor_scale is not None and x.shape[0] <= MAX_TENSOR_ROWS else "rowwise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if uses_weight_only_kernel(x2):
+        kernel = self.kernel(x2)
+        if kernel == "gemv":
             from ember.kernels.fp8_gemv import fp8_gemv
 
             y = fp8_gemv(x2.contiguous(), self.weight, self.weight_scale.view(-1), self.bias)
         else:
-            xq, x_scale = quantize_activations(x2)
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                 out_dtype=x.dtype)
+            if kernel == "tensorwise":
+                from ember.kernels.fp8_quant import quantize_tensor_fp8
+
+                xq, x_scale = quantize_tensor_fp8(x2.contiguous())
+                w_scale = self.tensor_scale
+            else:
+                xq, x_scale = quantize_activations(x2)
+                w_scale = self.weight_scale
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
-
-
-def uses_weight_only_kernel(x: torch.Tensor) -> bool:
-    """Whether a product with these activations [M, K] runs as ember's FP8 GEMV (one 16-bit row left unquantized:
-    batch-1 decode on a CUDA GPU, whose time is the weight reads) rather than as an FP8 x FP8 tensor-core matmul
-    (every other batch, and the CPU)."""
-    return x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
-
-
-def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ (weight * scale).T (+ bias)` computed in fp32 and returned in x's dtype: the torch twin of the FP8
-    GEMV (`scale`: one value per row of `weight`)."""
-    y = x.float() @ (weight.float() * scale.reshape(-1, 1).float()).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,15 +112,34 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows(x)
 
 
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of `x` as FP8 with one fp32 scale (its absolute maximum over FP8_MAX): the torch twin of
+    `quantize_tensor_fp8`."""
+    scale = (x.float().abs().amax() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ (weight * scale).T (+ bias)` computed in fp32 and returned in x's dtype: the torch twin of the FP8
+    GEMV (`scale`: one value per row of `weight`, or one for all)."""
+    y = x.float() @ (weight.float() * scale.reshape(-1, 1).float()).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def can_convert(linear: nn.Linear) -> bool:
     # cuBLASLt's FP8 products need both the reduction and the output width in multiples of 16.
     return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
 
 
-def convert_to_fp8(model: nn.Module, row_scales: dict[str, torch.Tensor] | None = None) -> int:
+def convert_to_fp8(model: nn.Module, row_scales: dict[str, torch.Tensor] | None = None,
+                   per_tensor: bool = True) -> int:
     """Replace the q/k/v, o, gate/up and down projections by FP8 ones quantized from their current weights (with
-    `row_scales[param name]`, an FP8 checkpoint's scales per row, where given); returns how many were converted
-    (a projection whose widths are not multiples of 16 stays as it is)."""
+    `row_scales[param name]`, an FP8 checkpoint's scales per row, where given), one scale per matrix
+    (`per_tensor`) or per row; returns how many were converted (a projection whose widths are not multiples of
+    16 stays as it is)."""
     row_scales = row_scales or {}
     converted = 0
     for i, layer in enumerate(model.model.layers):  # type: ignore[union-attr]
@@ -117,6 +148,6 @@ def convert_to_fp8(model: nn.Module, row_scales: dict[str, torch.Tensor] | None 
             linear = getattr(parent, name)
             if isinstance(linear, nn.Linear) and can_convert(linear):
                 scales = row_scales.get(f"model.layers.{i}.{path}.{name}.weight")
-                setattr(parent, name, Fp8Linear.from_linear(linear, scales))
+                setattr(parent, name, Fp8Linear.from_linear(linear, scales, per_tensor))
                 converted += 1
     return converted

@@ -1,6 +1,6 @@
-"""FP8 matmuls on a Hopper GPU: decode batches through ember's FP8 GEMV give the product of x and the dequantized
-weights, larger batches through torch._scaled_mm the product of the dequantized operands, and the engine (CUDA
-graphs included) serves with them."""
+"""FP8 matmuls on a Hopper GPU: batch 1 through ember's FP8 GEMV, decode batches through cuBLASLt's tensor-wise
+kernels and the rest through its row-wise ones each compute the product of their dequantized operands, and the
+engine (CUDA graphs included) serves with them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ember import LLM, SamplingParams
-from ember.model.fp8 import Fp8Linear, dequantized_matmul, quantize_rows, supported, uses_weight_only_kernel
+from ember.model.fp8 import Fp8Linear, dequantized_matmul, quantize_rows, quantize_tensor, supported
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not supported(torch.device("cuda")),
                                 reason="needs a GPU with row-wise FP8 matmuls (sm90/sm100)")
@@ -29,37 +29,39 @@ def _rel_err(y: torch.Tensor, want: torch.Tensor) -> float:
     return ((y.float() - want.float()).norm() / want.float().norm()).item()
 
 
-@pytest.mark.parametrize("dtype,m", [(torch.bfloat16, 300), (torch.float16, 300), (torch.float32, 300),
-                                     (torch.float32, 1), (torch.bfloat16, 2), (torch.float16, 7),
-                                     (torch.bfloat16, 64)])
+@pytest.mark.parametrize("dtype,m,per_tensor,kernel", [
+    (torch.bfloat16, 300, True, "rowwise"), (torch.float16, 300, False, "rowwise"),
+    (torch.float32, 300, True, "rowwise"), (torch.float32, 1, True, "rowwise"), (torch.float32, 7, True, "rowwise"),
+    (torch.bfloat16, 65, True, "rowwise"), (torch.bfloat16, 7, False, "rowwise"),
+    (torch.bfloat16, 2, True, "tensorwise"), (torch.float16, 7, True, "tensorwise"),
+    (torch.bfloat16, 64, True, "tensorwise"),
+    (torch.bfloat16, 1, True, "gemv"), (torch.float16, 1, False, "gemv"),
+])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp8_tensor_core_path_is_the_product_of_the_dequantized_operands(dtype: torch.dtype, m: int,
-                                                                          bias: bool) -> None:
+def test_each_fp8_kernel_computes_its_reference(dtype: torch.dtype, m: int, per_tensor: bool, kernel: str,
+                                                bias: bool) -> None:
+    """Row-wise: the product of per-token activations and per-row weights; tensor-wise: of one activation scale
+    and one weight scale; the GEMV: of the unquantized activation and the weights."""
     linear = _linear(dtype, bias, m)
     x = torch.randn(m, 4096, generator=torch.Generator(device="cpu").manual_seed(m)).to(dtype).cuda()
-    assert not uses_weight_only_kernel(x)
-    fp8 = Fp8Linear.from_linear(linear)
-    y = fp8(x)
-    xq, xs = quantize_rows(x)
-    want = (xq.float() * xs) @ (fp8.weight.float() * fp8.weight_scale.t()).t()
+    fp8 = Fp8Linear.from_linear(linear, per_tensor=per_tensor)
+    assert fp8.kernel(x) == kernel
+    w = fp8.weight.float() * fp8.weight_scale.t()
+    if kernel == "rowwise":
+        xq, xs = quantize_rows(x)
+        want = (xq.float() * xs) @ w.t()
+    elif kernel == "tensorwise":
+        xq, xs = quantize_tensor(x)
+        want = (xq.float() * xs) @ w.t()
+    else:
+        want = x.float() @ w.t()
     if bias:
         want = want + linear.bias.float()
-    assert y.dtype == dtype and y.shape == (m, 1536)
-    # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (~5e-4 relative over K = 4096).
-    assert _rel_err(y, want) < (1e-3 if dtype == torch.float32 else 5e-3)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_batch_one_uses_the_gemv_with_an_unquantized_activation(dtype: torch.dtype, bias: bool) -> None:
-    linear = _linear(dtype, bias, 1)
-    x = torch.randn(1, 4096, generator=torch.Generator(device="cpu").manual_seed(1)).to(dtype).cuda()
-    assert uses_weight_only_kernel(x)
-    fp8 = Fp8Linear.from_linear(linear)
-    want = dequantized_matmul(x.float(), fp8.weight, fp8.weight_scale, linear.bias)
-    y = fp8(x.reshape(1, 1, 4096))
-    assert y.dtype == dtype and y.shape == (1, 1, 1536)
-    assert _rel_err(y.reshape(1, -1), want) < (5e-3 if dtype == torch.bfloat16 else 1e-3)  # the output's rounding
+    y = fp8(x.reshape(m, 1, 4096))
+    assert y.dtype == dtype and y.shape == (m, 1, 1536)
+    # Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (~5e-4 relative over K = 4096); bf16 and
+    # fp16 outputs add their rounding.
+    assert _rel_err(y.reshape(m, -1), want) < (1e-3 if dtype == torch.float32 else 5e-3)
 
 
 @pytest.mark.parametrize("n,k", [(40, 96), (1000, 14336), (7, 272), (128256, 4096)])

@@ -10,7 +10,7 @@ from torch import nn
 
 from ember import LLM, SamplingParams
 from ember.cli import build_parser, engine_config_from_args
-from ember.model.fp8 import FP8, FP8_MAX, Fp8Linear, convert_to_fp8, quantize_rows
+from ember.model.fp8 import FP8, FP8_MAX, Fp8Linear, convert_to_fp8, quantize_rows, quantize_tensor
 
 
 def test_quantize_rows_is_within_half_a_step_and_keeps_zero_rows_finite() -> None:
@@ -50,6 +50,34 @@ def test_fp8_linear_is_the_product_of_the_dequantized_operands(dtype: torch.dtyp
     # And near the unquantized product: FP8 operands cost a few percent.
     exact = linear(x).float()
     assert ((y.float() - exact).norm() / exact.norm()).item() < 0.08
+
+
+def test_weights_are_per_tensor_by_default_and_per_row_on_request() -> None:
+    g = torch.Generator().manual_seed(2)
+    linear = nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(32, 64, generator=g) * torch.logspace(-2, 0, 32)[:, None])
+    per_tensor = Fp8Linear.from_linear(linear)
+    per_row = Fp8Linear.from_linear(linear, per_tensor=False)
+    top = linear.weight.abs().max() / FP8_MAX
+    assert per_tensor.tensor_scale is not None and torch.allclose(per_tensor.tensor_scale, top)
+    assert torch.equal(per_tensor.weight_scale, per_tensor.tensor_scale.expand(1, 32))
+    assert per_row.tensor_scale is None
+    assert torch.allclose(per_row.weight_scale.reshape(-1), linear.weight.abs().amax(dim=1) / FP8_MAX)
+    # A checkpoint's per-row scales become their largest when per-tensor weights are asked for.
+    scales = torch.linspace(0.5, 2.0, 32)
+    assert torch.equal(Fp8Linear.from_linear(linear, scales).weight_scale.reshape(-1), torch.full((32,), 2.0))
+    x = torch.randn(4, 64)
+    assert per_tensor.kernel(x) == per_row.kernel(x) == "rowwise"  # the GPU kernels are chosen on CUDA only
+
+
+def test_quantize_tensor_uses_one_scale_for_the_batch() -> None:
+    x = torch.randn(5, 96) * torch.logspace(-3, 1, 5)[:, None]
+    q, scale = quantize_tensor(x)
+    assert q.dtype == FP8 and scale.shape == () and torch.allclose(scale, x.abs().max() / FP8_MAX)
+    assert ((q.float() * scale - x).abs() <= x.abs() / 16 + scale * 2 ** -9).all()
+    q0, s0 = quantize_tensor(torch.zeros(2, 16))
+    assert torch.isfinite(s0) and not q0.float().any()
 
 
 def test_only_projections_with_widths_in_multiples_of_16_are_converted() -> None:
