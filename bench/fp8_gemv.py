@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from ember.bench.roofline import measure_bandwidth
 from ember.config import EngineConfig
 from ember.kernels.fp8_gemv import GemvConfig, default_config, fp8_gemv
-from ember.kernels.fp8_quant import quantize_tensor_fp8
 from ember.model.config import ModelArchConfig
 from ember.model.fp8 import quantize_activations, quantize_rows
 from ember.model.loader import resolve_model
@@ -143,6 +142,7 @@ def main() -> None:
     bf16_layers = [{name: torch.randn(n, k, device=dev, dtype=dtype) for name, (n, k) in prods.items()}
                    for _ in range(arch.num_hidden_layers)]
     total_bytes = sum(q.numel() for layer in layers for q, _ in layer.values())
+    one = torch.ones((), device=dev)
     for m in args.m:
         inputs = {name: torch.randn(m, k, device=dev, dtype=dtype) for name, (_, k) in prods.items()}
 
@@ -153,9 +153,9 @@ def main() -> None:
                         fp8_gemv(inputs[name], q, s)
                     elif kind == "scaled_mm":
                         _scaled_mm(inputs[name], q, s)
-                    elif kind == "tensorwise":  # what ember runs for 2-64 rows: one scale per operand
-                        xq, xs = quantize_tensor_fp8(inputs[name])
-                        torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s[:1].reshape(()), out_dtype=dtype)
+                    elif kind == "tensorwise":  # what ember runs for 2-64 rows (Fp8Linear.forward)
+                        xq, xs = quantize_activations(inputs[name])
+                        torch._scaled_mm(xq, q.t(), scale_a=one, scale_b=s[:1].reshape(()), out_dtype=dtype).mul_(xs)
                     else:
                         F.linear(inputs[name], bf16_layer[name])
 

@@ -127,9 +127,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="names clients may use for the model; the first is canonical (default: MODEL)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations; auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--quantization", "-q", default=d.quantization, choices=["fp8"],
-                   help="fp8: FP8 matmuls (weights per output channel, activations per token), on Hopper GPUs or "
-                        "the CPU; from any checkpoint, bf16 or FP8")
+    p.add_argument("--quantization", "-q", default=d.quantization, choices=["fp8", "none"],
+                   help="fp8: FP8 matmuls, on Hopper/Blackwell GPUs or the CPU, from any checkpoint; none: the "
+                        "weights in --dtype (an FP8 checkpoint dequantized). Default: fp8 for an FP8 checkpoint "
+                        "on such a GPU, else none")
     p.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "gguf", "dummy"],
                    help="dummy: random weights with the real shapes")
     p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="where the model runs")

@@ -38,5 +38,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     compile_cache_dir: str | None = None
     tensor_parallel_size: int = 1
-    quantization: str | None = None  # None | fp8
+    # "fp8": FP8 matmuls; "none": the checkpoint's weights in `dtype`; None: FP8 for an FP8 checkpoint on a GPU that
+    # has FP8 matmuls (as vLLM), else none.
+    quantization: str | None = None
     served_model_name: list[str] = field(default_factory=list)

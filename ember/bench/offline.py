@@ -54,12 +54,12 @@ def _engine_info(engine: LLMEngine) -> dict[str, Any]:
     # The rooflines are one GPU's (its measured rates, the whole model's FLOPs and KV bytes; the weight bytes are
     # those this process holds): with tensor parallelism they are not the group's ceiling.
     return {**run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled),
-            "quantization": engine.config.quantization, "tensor_parallel_size": engine.tp.size}
+            "quantization": engine.loaded.quantization, "tensor_parallel_size": engine.tp.size}
 
 
 def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     engine = LLMEngine(config)
-    roof = measure(engine.device, engine.dtype, fp8=engine.config.quantization == "fp8")
+    roof = measure(engine.device, engine.dtype, fp8=engine.loaded.quantization == "fp8")
     prompts = random_prompts(args.batch_size, args.input_len, engine.arch.vocab_size)
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     run_to_completion(engine, prompts, sp.clone(max_tokens=8), "warm")
@@ -99,7 +99,7 @@ def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: i
 
 def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
     engine = LLMEngine(config)
-    roof = measure(engine.device, engine.dtype, fp8=engine.config.quantization == "fp8")
+    roof = measure(engine.device, engine.dtype, fp8=engine.loaded.quantization == "fp8")
     prompts = random_prompts(args.num_prompts, args.input_len, engine.arch.vocab_size)
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     run_to_completion(engine, prompts[:8], sp.clone(max_tokens=4), "warm")

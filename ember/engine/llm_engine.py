@@ -78,7 +78,7 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     timings: LoadTimings
-    quantization: str | None = None  # what the projections were turned into (EngineConfig.quantization)
+    quantization: str | None = None  # what the projections were turned into (see effective_quantization)
 
 
 def use_compile_cache(path: str) -> None:
@@ -114,12 +114,27 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
 
     triton_startup = prepare_triton_in_background() if device.type == "cuda" else None
     torch.manual_seed(config.seed)
-    model = build_model(source, arch, dtype, device, max_model_len, config.seed, tp, config.quantization)
+    quantization = effective_quantization(config.quantization, arch, device)
+    model = build_model(source, arch, dtype, device, max_model_len, config.seed, tp, quantization)
     if triton_startup is not None:
         triton_startup.join()  # done by now, normally: the weight reads take longer
     timings.weights_s = time.perf_counter() - t2
-    return LoadedModel(source.name, arch, model, tokenizer, device, dtype, max_model_len, timings,
-                       config.quantization)
+    return LoadedModel(source.name, arch, model, tokenizer, device, dtype, max_model_len, timings, quantization)
+
+
+def effective_quantization(requested: str | None, arch: ModelArchConfig, device: torch.device) -> str | None:
+    """What the projections become: `requested` ("fp8", or "none" for the checkpoint's own weights), or when
+    it is None, FP8 matmuls for an FP8 checkpoint on a GPU that has them (vLLM's default) and none otherwise (the
+    CPU dequantizes: its FP8 matmuls are no faster)."""
+    if requested is not None:
+        return None if requested == "none" else requested
+    from ember.model import fp8
+
+    if arch.quantization and device.type == "cuda" and fp8.supported(device):
+        logger.info("FP8 checkpoint on a GPU with FP8 matmuls: the projections stay FP8 (--quantization none "
+                    "dequantizes them instead)")
+        return "fp8"
+    return None
 
 
 def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
@@ -201,7 +216,8 @@ class LLMEngine:
             self._finalizer = weakref.finalize(self, self.workers.stop)
             logger.info("tensor parallelism over %d processes: steps run eager and synchronous (no CUDA graphs, "
                         "no async scheduling)", config.tensor_parallel_size)
-        if loaded is not None and loaded.quantization != config.quantization:
+        if loaded is not None and config.quantization is not None and \
+                loaded.quantization != effective_quantization(config.quantization, loaded.arch, loaded.device):
             raise ValueError(f"the shared model was loaded with quantization {loaded.quantization!r}, this engine's "
                              f"config asks for {config.quantization!r}")
         try:

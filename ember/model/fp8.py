@@ -1,15 +1,18 @@
-"""FP8 matmuls: weights stored as float8_e4m3fn with one scale per output channel. Larger batches (and the CPU)
-quantize their activations per token and multiply on FP8 tensor cores (`torch._scaled_mm`, cuBLASLt on
-Hopper); batch-1 decode on a GPU keeps its 16-bit activation and goes through ember's FP8 GEMV
-(`ember/kernels/fp8_gemv.py`), whose time is the weight bytes it streams.
+"""FP8 matmuls: weights stored as float8_e4m3fn, activations quantized per token at run time.
 
 A decode step reads every weight once: FP8 halves those bytes, the bulk of a small batch's step. Weights are
-quantized at load from the model's values: a bf16 checkpoint's (`--quantization fp8`, as vLLM's flag does) with
-each row's absolute maximum, an FP8 checkpoint's with its own scales, which gives back its FP8 values exactly.
-One scale per output row is what the fused q/k/v and gate/up parameters need anyway: their parts come with
-separate per-tensor scales. Embeddings and the lm_head stay in the model's dtype.
-"""
+quantized at load from the model's values: a bf16 checkpoint's with one scale per matrix (its absolute maximum,
+as vLLM's `--quantization fp8` does), an FP8 checkpoint's with its own scales (per channel: kept row by row,
+exactly; per tensor: one per matrix, a fused q/k/v or gate/up taking the largest of its parts'). Embeddings and
+the lm_head stay in the model's dtype.
 
+Three products (`Fp8Linear.kernel`): batch-1 decode on a GPU keeps its 16-bit activation and goes through ember's
+FP8 GEMV (`ember/kernels/fp8_gemv.py`); up to 64 rows with per-tensor weights go through cuBLASLt's tensor-wise
+FP8 kernel, about twice as fast as its row-wise one at those sizes, each token's scale applied to its output row
+afterwards; larger batches, per-channel weights and the CPU through the row-wise kernel (`torch._scaled_mm` with a
+scale per token and per weight row). A batch-wide activation scale would save that row scaling, but would let one
+row's outliers (a prompt's first token, a CUDA graph's padding rows) coarsen every other row's quantization.
+"""
 from __future__ import annotations
 
 import torch
@@ -19,6 +22,9 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 # An all-zero row would get a zero scale and divide by it.
 MIN_SCALE = 1e-12
+# Up to this many rows (decode batches) cuBLASLt's tensor-wise FP8 kernels read the weights about twice as fast
+# as its row-wise ones on an H200 (bench/fp8_gemv.py); larger batches are compute-bound.
+TENSORWISE_MAX_ROWS = 64
 
 
 def quantize_rows(x: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +61,7 @@ class Fp8Linear(nn.Module):
         first = self.weight_scale.reshape(-1)[:1]
         uniform = bool((self.weight_scale == first).all())
         self.tensor_scale = nn.Buffer(first.reshape(()).clone()) if uniform else None
+        self.unit_scale = nn.Buffer(torch.ones((), device=weight.device)) if uniform else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, row_scales: torch.Tensor | None = None,
@@ -70,15 +77,14 @@ class Fp8Linear(nn.Module):
 
     def kernel(self, x: torch.Tensor) -> str:
         """Which product serves activations `x` [M, K]: "gemv" (one 16-bit row, left unquantized, on a GPU),
-        "tensorwise" (a GPU decode batch of up to 64 rows, FP8 with one scale, per-tensor weights) or "rowwise"
-        (a scale per token and per weight row: larger batches, per-channel weights, and the CPU)."""
+        "tensorwise" (up to 64 rows on a GPU with per-tensor weights: cuBLASLt's tensor-wise kernel, the token
+        scales applied to its output rows) or "rowwise" (cuBLASLt's row-wise kernel: larger batches, per-channel
+        weights, and the CPU). All but the GEMV quantize the activations per token."""
         if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
             return "rowwise"
         if x.shape[0] == 1:
             return "gemv"
-        from ember.kernels.fp8_quant import MAX_TENSOR_ROWS
-
-        return "tensorwise" if self.tensor_scale is not None and x.shape[0] <= MAX_TENSOR_ROWS else "rowwise"
+        return "tensorwise" if self.tensor_scale is not None and x.shape[0] <= TENSORWISE_MAX_ROWS else "rowwise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -89,15 +95,17 @@ class Fp8Linear(nn.Module):
 
             y = fp8_gemv(x2.contiguous(), self.weight, self.weight_scale.view(-1), self.bias)
         else:
+            xq, x_scale = quantize_activations(x2)
             if kernel == "tensorwise":
-                from ember.kernels.fp8_quant import quantize_tensor_fp8
-
-                xq, x_scale = quantize_tensor_fp8(x2.contiguous())
-                w_scale = self.tensor_scale
+                # One scale per operand picks cuBLASLt's small-batch kernels; each token's own scale then
+                # multiplies its output row (in place: the same launch count as a batch-wide scale would need,
+                # and a row's result does not depend on the other rows of the batch).
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.unit_scale, scale_b=self.tensor_scale,
+                                     out_dtype=x.dtype)
+                y.mul_(x_scale)
             else:
-                xq, x_scale = quantize_activations(x2)
-                w_scale = self.weight_scale
-            y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                                     out_dtype=x.dtype)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -110,13 +118,6 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
         return quantize_rows_fp8(x)
     return quantize_rows(x)
-
-
-def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """All of `x` as FP8 with one fp32 scale (its absolute maximum over FP8_MAX): the torch twin of
-    `quantize_tensor_fp8`."""
-    scale = (x.float().abs().amax() / FP8_MAX).clamp(min=MIN_SCALE)
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantized_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

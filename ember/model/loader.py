@@ -575,5 +575,5 @@ def quantize_model(model: LlamaForCausalLM, method: str, device: torch.device,
         raise ValueError(f"--quantization fp8 needs a Hopper or Blackwell data-center GPU (compute capability 9.x "
                          f"or 10.x), or the CPU; {device} is {torch.cuda.get_device_name(device)}")
     n = fp8.convert_to_fp8(model, row_scales, per_tensor)
-    logger.info("FP8 matmuls: %d of %d projections (FP8 weights, one scale per %s; activations per token, or "
-                "per decode batch)", n, 4 * model.config.num_hidden_layers, "matrix" if per_tensor else "row")
+    logger.info("FP8 matmuls: %d of %d projections (FP8 weights, one scale per %s; activations per token)",
+                n, 4 * model.config.num_hidden_layers, "matrix" if per_tensor else "row")

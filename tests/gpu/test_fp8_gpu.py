@@ -1,6 +1,6 @@
 """FP8 matmuls on a Hopper GPU: batch 1 through ember's FP8 GEMV, decode batches through cuBLASLt's tensor-wise
-kernels and the rest through its row-wise ones each compute the product of their dequantized operands, and the
-engine (CUDA graphs included) serves with them."""
+kernel (token scales applied to its output rows) and the rest through its row-wise one each compute the product
+of their dequantized operands, and the engine (CUDA graphs included) serves with them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ember import LLM, SamplingParams
-from ember.model.fp8 import Fp8Linear, dequantized_matmul, quantize_rows, quantize_tensor, supported
+from ember.model.fp8 import Fp8Linear, dequantized_matmul, quantize_rows, supported
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not supported(torch.device("cuda")),
                                 reason="needs a GPU with row-wise FP8 matmuls (sm90/sm100)")
@@ -40,21 +40,18 @@ def _rel_err(y: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("bias", [False, True])
 def test_each_fp8_kernel_computes_its_reference(dtype: torch.dtype, m: int, per_tensor: bool, kernel: str,
                                                 bias: bool) -> None:
-    """Row-wise: the product of per-token activations and per-row weights; tensor-wise: of one activation scale
-    and one weight scale; the GEMV: of the unquantized activation and the weights."""
+    """Row- and tensor-wise: the product of the per-token activations and the weights, dequantized; the GEMV: of
+    the unquantized activation and the weights."""
     linear = _linear(dtype, bias, m)
     x = torch.randn(m, 4096, generator=torch.Generator(device="cpu").manual_seed(m)).to(dtype).cuda()
     fp8 = Fp8Linear.from_linear(linear, per_tensor=per_tensor)
     assert fp8.kernel(x) == kernel
     w = fp8.weight.float() * fp8.weight_scale.t()
-    if kernel == "rowwise":
+    if kernel == "gemv":
+        want = x.float() @ w.t()
+    else:
         xq, xs = quantize_rows(x)
         want = (xq.float() * xs) @ w.t()
-    elif kernel == "tensorwise":
-        xq, xs = quantize_tensor(x)
-        want = (xq.float() * xs) @ w.t()
-    else:
-        want = x.float() @ w.t()
     if bias:
         want = want + linear.bias.float()
     y = fp8(x.reshape(m, 1, 4096))

@@ -291,3 +291,29 @@ def test_fp8_matmuls_keep_the_checkpoint_fp8_values(checkpoints, dtype):
             want = want_q[~same].float() * want_s[~same, None]
             step = torch.finfo(FP8).eps * want.abs() + 2.0 ** -9 * got_s.max()
             assert (got - want).abs().le(step).all(), pre + fused
+
+
+def test_fp8_checkpoints_default_to_fp8_matmuls_on_fp8_gpus_only(monkeypatch):
+    from ember.engine.llm_engine import effective_quantization
+    from ember.model import fp8
+
+    plain = ModelArchConfig.from_hf(TINY)
+    quantized = ModelArchConfig.from_hf(dict(TINY, quantization_config=_fp8_quantization_config("tensor")))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(fp8, "supported", lambda device: device.type == "cuda")  # an sm90 GPU, as far as it asks
+    assert effective_quantization(None, quantized, cuda) == "fp8"
+    assert effective_quantization(None, quantized, cpu) is None  # dequantized: the CPU's FP8 matmuls are no faster
+    assert effective_quantization(None, plain, cuda) is None
+    assert effective_quantization("none", quantized, cuda) is None
+    assert effective_quantization("fp8", plain, cpu) == "fp8"
+    monkeypatch.setattr(fp8, "supported", lambda device: False)  # e.g. an A100: dequantized
+    assert effective_quantization(None, quantized, cuda) is None
+
+
+def test_quantization_none_dequantizes_and_records_it(checkpoints):
+    from ember.model.fp8 import Fp8Linear
+
+    _, fp8_dir, _, _ = checkpoints
+    with LLM(str(fp8_dir), quantization="none", max_model_len=64, kv_cache_memory_bytes=1 << 20) as llm:
+        assert llm.engine.loaded.quantization is None
+        assert not any(isinstance(m, Fp8Linear) for m in llm.engine.model.modules())
