@@ -78,11 +78,23 @@ def param_count(arch: ModelArchConfig) -> int:
     return arch.num_hidden_layers * per_layer + v * h + head + h
 
 
-def weight_bytes_per_step(arch: ModelArchConfig, dtype: torch.dtype) -> int:
-    """Every weight is read once per forward; the embedding table only for the rows used (negligible)."""
+def projection_params(arch: ModelArchConfig) -> int:
+    """Weights of the q/k/v, o, gate/up and down projections of all layers (what `--quantization fp8` stores in
+    FP8)."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+    return arch.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+
+
+def weight_bytes_per_step(arch: ModelArchConfig, dtype: torch.dtype, quantization: str | None = None) -> int:
+    """Every weight is read once per forward; the embedding table only for the rows used (negligible). With
+    `quantization="fp8"` the projections count one byte a value (their scales, a few per matrix, left out)."""
     elem = torch.empty((), dtype=dtype).element_size()
     embed = 0 if arch.tie_word_embeddings else arch.vocab_size * arch.hidden_size
-    return (param_count(arch) - embed) * elem
+    total = (param_count(arch) - embed) * elem
+    if quantization == "fp8":
+        total -= projection_params(arch) * (elem - 1)
+    return total
 
 
 def kv_bytes_per_token(arch: ModelArchConfig, dtype: torch.dtype) -> int:

@@ -97,15 +97,18 @@ async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int,
         return results, time.perf_counter() - t0
 
 
-def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int) -> dict[str, float]:
+def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
+                     quantization: str | None = None) -> dict[str, float]:
     """Floor for the TPOT of a steady state of `concurrency` requests (measured rates of this device).
 
     Each step decodes one token per running request, and prefills the prompts of the requests that replace
-    the finished ones: concurrency / out arrivals per step, inp tokens each.
+    the finished ones: concurrency / out arrivals per step, inp tokens each. `quantization="fp8"`: the server
+    runs FP8 matmuls; the projections count a byte a weight and every FLOP goes at the FP8 rate (the lm_head
+    and attention stay bf16, so that floor is lower than reachable).
     """
     import torch
 
-    from ember.bench.roofline import attention_flops, measure
+    from ember.bench.roofline import attention_flops, measure, weight_bytes_per_step
     from ember.config import EngineConfig
     from ember.model.config import ModelArchConfig
     from ember.model.loader import resolve_model
@@ -113,12 +116,12 @@ def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int) -> di
     arch = ModelArchConfig.from_hf(resolve_model(EngineConfig(model=model_cfg, load_format="dummy")).hf_config)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    roof = measure(dev, dtype)
+    roof = measure(dev, dtype, fp8=quantization == "fp8")
     prefill = concurrency * inp / out
     ctx = inp + out / 2
     attn = attention_flops(arch, concurrency, ctx) + attention_flops(arch, int(prefill), inp / 2)
     step = roof.step_time(arch, dtype, int(concurrency + prefill), concurrency * ctx, attn,
-                          lm_head_rows=concurrency)
+                          lm_head_rows=concurrency, weight_bytes=weight_bytes_per_step(arch, dtype, quantization))
     return {"roofline_step_ms": step * 1e3, "roofline_prefill_tokens_per_step": prefill,
             "bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_tflop_s": roof.matmul_rate / 1e12}
 
@@ -168,8 +171,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
         for k, v in _stats(xs).items():
             summary[f"{k}_{name}_ms"] = v
     if args.roofline_model:
-        roof = serving_roofline(args.roofline_model, args.max_concurrency, args.input_len, args.output_len)
+        roof = serving_roofline(args.roofline_model, args.max_concurrency, args.input_len, args.output_len,
+                                args.roofline_quantization)
         summary.update(roof)
+        summary["roofline_quantization"] = args.roofline_quantization
         summary["tpot_p50_over_roofline"] = summary["median_tpot_ms"] / roof["roofline_step_ms"]
     errors = [r.error for r in results if not r.ok][:5]
     if errors:
@@ -201,6 +206,8 @@ def add_serve_bench(bsub: Any) -> None:
     q.add_argument("--api-key", default=None)
     q.add_argument("--roofline-model", default=None,
                    help="a shipped config (e.g. llama-3.1-8b-instruct): print the TPOT roofline of this device")
+    q.add_argument("--roofline-quantization", default=None, choices=["fp8"],
+                   help="the server runs --quantization fp8: FP8 weight bytes and matmul rate in the roofline")
     q.add_argument("--output-json", default=None)
     q.add_argument("--plot", default=None, help="write a PNG of the TTFT/TPOT/ITL distributions here")
     q.set_defaults(handler=run_serve_bench)

@@ -116,6 +116,8 @@ def test_roofline_reads_the_weights_as_stored() -> None:
                  for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                            layer.mlp.down_proj))
     assert model_weight_bytes(fp8.model) == model_weight_bytes(full.model) - 3 * projections + 4 * scales
+    # `ember bench serve --roofline-quantization fp8` counts the same bytes from the config alone (scales aside).
+    assert weight_bytes_per_step(fp8.arch, fp8.dtype, "fp8") == model_weight_bytes(fp8.model) - 4 * scales
 
 
 def test_a_shared_model_must_match_the_engines_quantization() -> None:
