@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--quantization", "-q", choices=["fp8"], default=None)
+    ap.add_argument("--quantization", "-q", choices=["fp8", "none"], default=None)
     args = ap.parse_args()
     eng = LLMEngine(EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer,
                                  max_model_len=4096, max_num_seqs=max(8, args.batch),
@@ -83,7 +83,7 @@ def main() -> None:
     total_us = sum(per_fam.values())
     res = {
         "batch": args.batch, "padded_batch": size, "context": args.context,
-        "async_scheduling": eng.async_scheduling, "quantization": args.quantization,
+        "async_scheduling": eng.async_scheduling, "quantization": eng.loaded.quantization,
         "device": torch.cuda.get_device_name(),
         "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),
         "engine_step_ms": round(step_ms, 3), "families_us": {k: round(v, 1) for k, v in sorted(

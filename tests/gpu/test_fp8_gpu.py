@@ -61,6 +61,21 @@ def test_each_fp8_kernel_computes_its_reference(dtype: torch.dtype, m: int, per_
     assert _rel_err(y.reshape(m, -1), want) < (1e-3 if dtype == torch.float32 else 5e-3)
 
 
+@pytest.mark.parametrize("per_tensor", [True, False])
+def test_a_rows_result_does_not_depend_on_the_other_rows(per_tensor: bool) -> None:
+    """Activations are quantized per token on every path: a row next to a 1000x larger one (a prompt's first
+    token, a graph's padding) gives what it gives next to an ordinary one."""
+    linear = _linear(torch.bfloat16, False, 3)
+    fp8 = Fp8Linear.from_linear(linear, per_tensor=per_tensor)
+    g = torch.Generator(device="cpu").manual_seed(3)
+    rows = torch.randn(3, 4096, generator=g).to(torch.bfloat16).cuda()
+    outlier = rows.clone()
+    outlier[1] *= 1000
+    assert fp8.kernel(rows) == ("tensorwise" if per_tensor else "rowwise")
+    a, b = fp8(rows), fp8(outlier)
+    assert _rel_err(b[0], a[0]) < 1e-3 and _rel_err(b[2], a[2]) < 1e-3
+
+
 @pytest.mark.parametrize("n,k", [(40, 96), (1000, 14336), (7, 272), (128256, 4096)])
 def test_fp8_gemv_edges_of_rows_and_k(n: int, k: int) -> None:
     """Row counts that are not multiples of a block, K not a multiple of BLOCK_K, x a view into a larger batch."""
