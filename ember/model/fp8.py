@@ -7,12 +7,13 @@ exactly; per tensor: one per matrix, a fused q/k/v or gate/up taking the largest
 the lm_head stay in the model's dtype.
 
 Three products (`Fp8Linear.kernel`): batch-1 decode on a GPU keeps its 16-bit activation and goes through ember's
-FP8 GEMV (`ember/kernels/fp8_gemv.py`); up to 64 rows with per-tensor weights go through cuBLASLt's tensor-wise
+FP8 GEMV (`ember/kernels/fp8_gemv.py`); up to 64 bf16 rows with per-tensor weights go through cuBLASLt's tensor-wise
 FP8 kernel, about twice as fast as its row-wise one at those sizes, each token's scale applied to its output row
 afterwards; larger batches, per-channel weights and the CPU through the row-wise kernel (`torch._scaled_mm` with a
 scale per token and per weight row). A batch-wide activation scale would save that row scaling, but would let one
 row's outliers (a prompt's first token, a CUDA graph's padding rows) coarsen every other row's quantization.
 """
+
 from __future__ import annotations
 
 import torch
@@ -61,7 +62,7 @@ class Fp8Linear(nn.Module):
         first = self.weight_scale.reshape(-1)[:1]
         uniform = bool((self.weight_scale == first).all())
         self.tensor_scale = nn.Buffer(first.reshape(()).clone()) if uniform else None
-        self.unit_scale = nn.Buffer(torch.ones((), device=weight.device)) if uniform else None
+        self.unit_scale = nn.Buffer(torch.ones((), device=weight.device), persistent=False) if uniform else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, row_scales: torch.Tensor | None = None,
@@ -77,14 +78,17 @@ class Fp8Linear(nn.Module):
 
     def kernel(self, x: torch.Tensor) -> str:
         """Which product serves activations `x` [M, K]: "gemv" (one 16-bit row, left unquantized, on a GPU),
-        "tensorwise" (up to 64 rows on a GPU with per-tensor weights: cuBLASLt's tensor-wise kernel, the token
-        scales applied to its output rows) or "rowwise" (cuBLASLt's row-wise kernel: larger batches, per-channel
-        weights, and the CPU). All but the GEMV quantize the activations per token."""
+        "tensorwise" (up to 64 bf16 rows on a GPU with per-tensor weights: cuBLASLt's tensor-wise kernel, the
+        token scales applied to its output rows) or "rowwise" (cuBLASLt's row-wise kernel: larger batches, fp16,
+        per-channel weights, and the CPU). All but the GEMV quantize the activations per token."""
         if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
             return "rowwise"
         if x.shape[0] == 1:
             return "gemv"
-        return "tensorwise" if self.tensor_scale is not None and x.shape[0] <= TENSORWISE_MAX_ROWS else "rowwise"
+        # fp16 is left out: the tensor-wise product is rounded before the token scales multiply it, and |y| /
+        # token scale can pass fp16's 65504 where y itself does not.
+        small = x.shape[0] <= TENSORWISE_MAX_ROWS and x.dtype == torch.bfloat16
+        return "tensorwise" if self.tensor_scale is not None and small else "rowwise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

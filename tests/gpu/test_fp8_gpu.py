@@ -33,8 +33,8 @@ def _rel_err(y: torch.Tensor, want: torch.Tensor) -> float:
     (torch.bfloat16, 300, True, "rowwise"), (torch.float16, 300, False, "rowwise"),
     (torch.float32, 300, True, "rowwise"), (torch.float32, 1, True, "rowwise"), (torch.float32, 7, True, "rowwise"),
     (torch.bfloat16, 65, True, "rowwise"), (torch.bfloat16, 7, False, "rowwise"),
-    (torch.bfloat16, 2, True, "tensorwise"), (torch.float16, 7, True, "tensorwise"),
-    (torch.bfloat16, 64, True, "tensorwise"),
+    (torch.bfloat16, 2, True, "tensorwise"), (torch.bfloat16, 7, True, "tensorwise"),
+    (torch.bfloat16, 64, True, "tensorwise"), (torch.float16, 7, True, "rowwise"),
     (torch.bfloat16, 1, True, "gemv"), (torch.float16, 1, False, "gemv"),
 ])
 @pytest.mark.parametrize("bias", [False, True])
