@@ -14,6 +14,7 @@ The first weight tile is requested before waiting for the kernel before (program
 `ember/kernels/pdl.py`): weights are never written while a model serves, so that read is safe, and the ramp-up
 of one product overlaps the tail of the launch before it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
