@@ -80,13 +80,12 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
-            "bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_tflop_s": roof.matmul_rate / 1e12,
-            "weight_gb": weights / 1e9,
+            **roof.rates(), "weight_gb": weights / 1e9,
             "roofline_tpot_ms": floor * 1e3, "roofline_tok_s": b / floor, "pct_of_roofline": 100 * floor / tpot}
 
 
 def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: int) -> float:
-    """FLOPs of the whole workload over the matmul rate (bytes are not the limit at this batch size)."""
+    """FLOPs of the whole workload over the matmul rates (bytes are not the limit at this batch size)."""
     arch = engine.arch
     # Every token goes through the layers; only the sampled ones (the last prompt token, then each output
     # token but the last) through the lm_head.
@@ -94,7 +93,7 @@ def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: i
     flops = matmul_flops_per_token(arch) * n * (inp + out) - lm_head * n * (inp - 1)
     # Causal prefill averages inp/2 keys per query; decode tokens see inp + j keys.
     flops += n * (attention_flops(arch, inp, inp / 2) + attention_flops(arch, out, inp + out / 2))
-    return flops / roof.matmul_rate
+    return roof.compute_time(arch, flops, n * (inp + out))
 
 
 def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
@@ -111,8 +110,8 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
     return {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
             "requests_s": args.num_prompts / elapsed, "output_tok_s": n_out / elapsed,
-            "total_tok_s": (n_in + n_out) / elapsed, "matmul_tflop_s": roof.matmul_rate / 1e12,
-            "bandwidth_gb_s": roof.bandwidth / 1e9, "roofline_s": floor, "pct_of_roofline": 100 * floor / elapsed,
+            "total_tok_s": (n_in + n_out) / elapsed, **roof.rates(), "roofline_s": floor,
+            "pct_of_roofline": 100 * floor / elapsed,
             "kv_blocks": engine.block_manager.num_blocks, "preemptions": st["num_preemptions"],
             "kv_bytes_per_token": kv_bytes_per_token(engine.arch, engine.dtype)}
 

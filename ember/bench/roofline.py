@@ -115,7 +115,16 @@ def attention_flops(arch: ModelArchConfig, q_tokens: int, context: float) -> flo
 @dataclass
 class Roofline:
     bandwidth: float  # bytes/s
-    matmul_rate: float  # FLOP/s
+    matmul_rate: float  # FLOP/s of matmuls in the model's dtype
+    fp8_matmul_rate: float | None = None  # FLOP/s of FP8 ones: set when the projections run in FP8
+
+    def compute_time(self, arch: ModelArchConfig, flops: float, projection_tokens: float) -> float:
+        """Seconds for `flops`, of which the projections of `projection_tokens` tokens go at the FP8 rate when
+        there is one (the lm_head and attention stay in the model's dtype)."""
+        if self.fp8_matmul_rate is None:
+            return flops / self.matmul_rate
+        fp8_flops = 2 * projection_params(arch) * projection_tokens
+        return fp8_flops / self.fp8_matmul_rate + (flops - fp8_flops) / self.matmul_rate
 
     def step_time(self, arch: ModelArchConfig, dtype: torch.dtype, new_tokens: int, kv_tokens_read: float,
                   attn_flops: float, lm_head_rows: int | None = None, weight_bytes: int | None = None) -> float:
@@ -127,8 +136,17 @@ class Roofline:
         flops = matmul_flops_per_token(arch) * new_tokens + attn_flops
         if lm_head_rows is not None:  # only sampled rows go through the lm_head
             flops -= 2 * arch.vocab_size * arch.hidden_size * (new_tokens - lm_head_rows)
-        return max(bytes_ / self.bandwidth, flops / self.matmul_rate)
+        return max(bytes_ / self.bandwidth, self.compute_time(arch, flops, new_tokens))
+
+    def rates(self) -> dict[str, float]:
+        """The measured rates, for a result's record."""
+        out = {"bandwidth_gb_s": self.bandwidth / 1e9, "matmul_tflop_s": self.matmul_rate / 1e12}
+        if self.fp8_matmul_rate is not None:
+            out["fp8_matmul_tflop_s"] = self.fp8_matmul_rate / 1e12
+        return out
 
 
 def measure(device: torch.device, dtype: torch.dtype, fp8: bool = False) -> Roofline:
-    return Roofline(measure_bandwidth(device), measure_matmul(device, dtype, fp8=fp8))
+    """The copy rate and the matmul rate of `dtype`; with `fp8`, the FP8 matmul rate too."""
+    return Roofline(measure_bandwidth(device), measure_matmul(device, dtype),
+                    measure_matmul(device, dtype, fp8=True) if fp8 else None)

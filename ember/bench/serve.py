@@ -103,8 +103,8 @@ def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
 
     Each step decodes one token per running request, and prefills the prompts of the requests that replace
     the finished ones: concurrency / out arrivals per step, inp tokens each. `quantization="fp8"`: the server
-    runs FP8 matmuls; the projections count a byte a weight and every FLOP goes at the FP8 rate (the lm_head
-    and attention stay bf16, so that floor is lower than reachable).
+    runs FP8 matmuls; the projections count a byte a weight and their FLOPs go at the FP8 rate (the lm_head and
+    attention at the bf16 one).
     """
     import torch
 
@@ -122,8 +122,7 @@ def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
     attn = attention_flops(arch, concurrency, ctx) + attention_flops(arch, int(prefill), inp / 2)
     step = roof.step_time(arch, dtype, int(concurrency + prefill), concurrency * ctx, attn,
                           lm_head_rows=concurrency, weight_bytes=weight_bytes_per_step(arch, dtype, quantization))
-    return {"roofline_step_ms": step * 1e3, "roofline_prefill_tokens_per_step": prefill,
-            "bandwidth_gb_s": roof.bandwidth / 1e9, "matmul_tflop_s": roof.matmul_rate / 1e12}
+    return {"roofline_step_ms": step * 1e3, "roofline_prefill_tokens_per_step": prefill, **roof.rates()}
 
 
 def plot(results: list[RequestResult], path: str, title: str) -> None:

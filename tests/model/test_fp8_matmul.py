@@ -131,3 +131,24 @@ def test_a_shared_model_must_match_the_engines_quantization() -> None:
     for q in (None, "none"):
         LLMEngine(EngineConfig(quantization=q, max_model_len=64, kv_cache_memory_bytes=1 << 20), base.loaded)
 
+
+
+def test_fp8_rooflines_put_only_the_projections_at_the_fp8_rate() -> None:
+    from ember.bench.roofline import Roofline, matmul_flops_per_token, projection_params
+    from ember.config import EngineConfig
+    from ember.model.config import ModelArchConfig
+    from ember.model.loader import resolve_model
+
+    arch = ModelArchConfig.from_hf(resolve_model(EngineConfig(model="llama-3.1-8b-instruct",
+                                                              load_format="dummy")).hf_config)
+    bf16 = Roofline(bandwidth=1e30, matmul_rate=1e15)
+    fp8 = Roofline(bandwidth=1e30, matmul_rate=1e15, fp8_matmul_rate=2e15)
+    tokens, attn = 1000, 3e12
+    flops = matmul_flops_per_token(arch) * tokens + attn
+    proj = 2 * projection_params(arch) * tokens
+    assert bf16.step_time(arch, torch.bfloat16, tokens, 0, attn) == pytest.approx(flops / 1e15)
+    assert fp8.step_time(arch, torch.bfloat16, tokens, 0, attn) == pytest.approx(proj / 2e15 + (flops - proj) / 1e15)
+    # The lm_head and attention are what stay at the bf16 rate: 8B's lm_head is ~7 % of a token's matmul FLOPs.
+    assert 0.05 < (flops - attn - proj) / (flops - attn) < 0.09
+    assert set(fp8.rates()) == {"bandwidth_gb_s", "matmul_tflop_s", "fp8_matmul_tflop_s"}
+    assert "fp8_matmul_tflop_s" not in bf16.rates()
