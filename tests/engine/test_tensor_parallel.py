@@ -79,6 +79,20 @@ def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
     assert results[0] == results[1]
 
 
+def test_fp8_matmuls_on_three_ranks_each_quantizing_its_own_shards() -> None:
+    """Each rank converts its slices of the projections (its own per-tensor scales); the partial sums of o_proj
+    and down are scaled before the all-reduce, so the model still answers."""
+    from ember.model.fp8 import Fp8Linear
+
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    with LLM(tensor_parallel_size=3, quantization="fp8", max_model_len=256, kv_cache_memory_bytes=8 << 20,
+             device="cpu") as llm:
+        layer = llm.engine.model.model.layers[0]
+        assert isinstance(layer.self_attn.o_proj, Fp8Linear) and layer.self_attn.o_proj.in_features == 576 // 3
+        out = llm.chat(msgs, sampling_params=SamplingParams(temperature=0, max_tokens=16))
+    assert "Paris" in out[0].outputs[0].text
+
+
 def test_heads_that_do_not_divide_are_refused(tiny_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size 3"):
         LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=3, kv_cache_memory_bytes=1 << 20,
