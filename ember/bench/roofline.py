@@ -79,11 +79,12 @@ def param_count(arch: ModelArchConfig) -> int:
 
 
 def projection_params(arch: ModelArchConfig) -> int:
-    """Weights of the q/k/v, o, gate/up and down projections of all layers (what `--quantization fp8` stores in
-    FP8)."""
+    """Weights of the q/k/v, o, gate/up and down projections of all layers that `--quantization fp8` stores in
+    FP8 (those whose widths are multiples of 16: `ember.model.fp8.can_convert`)."""
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    return arch.num_hidden_layers * (h * (q + 2 * kv) + q * h + 3 * h * i)
+    shapes = [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]
+    return arch.num_hidden_layers * sum(n * k for n, k in shapes if n % 16 == 0 and k % 16 == 0)
 
 
 def weight_bytes_per_step(arch: ModelArchConfig, dtype: torch.dtype, quantization: str | None = None) -> int:
