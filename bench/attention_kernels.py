@@ -27,6 +27,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from ember.attention.backend import AttentionMetadata  # noqa: E402
 from ember.attention.torch_ref import paged_attention_ref  # noqa: E402
+from ember.bench.profiling import capture_graph  # noqa: E402
 from ember.kernels.paged_attention import (  # noqa: E402
     default_num_splits,
     paged_attention,
@@ -48,15 +49,7 @@ def median_ms(fn: Callable[[], object]) -> float:
 
 def graph_ms(fn: Callable[[], object]) -> float:
     """Median time of `fn` replayed from a CUDA graph (launch cost ~ that of the engine's decode graphs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and allocate outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return median_ms(graph.replay)
+    return median_ms(capture_graph(fn).replay)
 
 
 def copy_bandwidth_gbs() -> float:

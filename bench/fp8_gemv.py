@@ -22,7 +22,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ember.bench.roofline import measure_bandwidth
+from ember.bench.profiling import capture_graph
+from ember.bench.roofline import measure_bandwidth, projection_shapes
 from ember.config import EngineConfig
 from ember.kernels.fp8_gemv import GemvConfig, default_config, fp8_gemv
 from ember.model.config import ModelArchConfig
@@ -32,14 +33,7 @@ from ember.model.loader import resolve_model
 
 def _graph_time(fn: Callable[[], None], reps: int = 10) -> float:
     """Seconds per replay of a graph that calls fn once (median of `reps`)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = capture_graph(fn)
     g.replay()
     torch.cuda.synchronize()
     times = []
@@ -51,12 +45,6 @@ def _graph_time(fn: Callable[[], None], reps: int = 10) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def _products(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
-    h, i = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    return {"qkv_proj": (q + 2 * kv, h), "o_proj": (h, q), "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
 
 
 def _sweep_configs() -> list[GemvConfig]:
@@ -79,11 +67,12 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
+    one = torch.ones((), device=dev)  # a unit scale for the tensor-wise products
     arch = ModelArchConfig.from_hf(resolve_model(EngineConfig(model=args.model, load_format="dummy")).hf_config)
     copy_bw = measure_bandwidth(dev)
     print(f"device copy: {copy_bw / 1e9:,.0f} GB/s  ({torch.cuda.get_device_name()})")
     results: dict = {"copy_gb_s": copy_bw / 1e9, "device": torch.cuda.get_device_name(), "products": []}
-    for name, (n, k) in _products(arch).items():
+    for name, (n, k) in projection_shapes(arch).items():
         copies = max(2, math.ceil(1.5e9 / (n * k)))
         ws = [quantize_rows(torch.randn(n, k, device=dev) / k ** 0.5) for _ in range(copies)]
         ws = [(q, s.reshape(-1).contiguous()) for q, s in ws]
@@ -99,10 +88,9 @@ def main() -> None:
                 for q, s in ws:
                     _scaled_mm(x, q, s)
 
-            one = torch.ones((), device=dev)
             xq8 = x.to(torch.float8_e4m3fn)
 
-            def run_tensorwise(xq8: torch.Tensor = xq8, ws: list = ws, one: torch.Tensor = one) -> None:
+            def run_tensorwise(xq8: torch.Tensor = xq8, ws: list = ws) -> None:
                 for q, _ in ws:  # the matmul alone, one scale per operand (cuBLASLt picks other kernels)
                     torch._scaled_mm(xq8, q.t(), scale_a=one, scale_b=one, out_dtype=dtype)
 
@@ -135,14 +123,13 @@ def main() -> None:
             results["products"].append(row)
         del ws, wbf
         torch.cuda.empty_cache()
-    prods = _products(arch)
+    prods = projection_shapes(arch)
     layers = [{name: quantize_rows(torch.randn(n, k, device=dev) / k ** 0.5) for name, (n, k) in prods.items()}
               for _ in range(arch.num_hidden_layers)]
     layers = [{name: (q, s.reshape(-1).contiguous()) for name, (q, s) in layer.items()} for layer in layers]
     bf16_layers = [{name: torch.randn(n, k, device=dev, dtype=dtype) for name, (n, k) in prods.items()}
                    for _ in range(arch.num_hidden_layers)]
     total_bytes = sum(q.numel() for layer in layers for q, _ in layer.values())
-    one = torch.ones((), device=dev)
     for m in args.m:
         inputs = {name: torch.randn(m, k, device=dev, dtype=dtype) for name, (_, k) in prods.items()}
 

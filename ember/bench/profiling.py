@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
 # First match wins: the names are cuBLAS's (nvjet, cutlass, ...), torch's, and ember's Triton kernels.
 FAMILIES = [("gemm", ("gemm", "nvjet", "gemv", "cutlass", "sm90_xmma", "splitk")),
             ("attention", ("attention", "split_kv")), ("rms_norm", ("rms_norm",)), ("rotary", ("rotary",)),
@@ -30,3 +34,17 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:  # noqa: ANN001 - a torc
             continue
         out[evt.key] = (dev_us, evt.count)
     return out
+
+
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of one call of `fn`, run once first on a side stream (Triton compiles, the allocator settles)
+    so that the capture records only launches."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

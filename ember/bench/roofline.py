@@ -70,10 +70,16 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
                if tied or name != "model.embed_tokens.weight")
 
 
-def param_count(arch: ModelArchConfig) -> int:
-    h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+def projection_shapes(arch: ModelArchConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each layer's fused projections."""
+    h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+    return {"qkv_proj": (q + 2 * kv, h), "o_proj": (h, q), "gate_up_proj": (2 * i, h), "down_proj": (h, i)}
+
+
+def param_count(arch: ModelArchConfig) -> int:
+    h, v = arch.hidden_size, arch.vocab_size
+    per_layer = sum(n * k for n, k in projection_shapes(arch).values()) + 2 * h  # and two norms
     head = 0 if arch.tie_word_embeddings else v * h
     return arch.num_hidden_layers * per_layer + v * h + head + h
 
@@ -81,9 +87,7 @@ def param_count(arch: ModelArchConfig) -> int:
 def projection_params(arch: ModelArchConfig) -> int:
     """Weights of the q/k/v, o, gate/up and down projections of all layers that `--quantization fp8` stores in
     FP8 (those whose widths are multiples of 16: `ember.model.fp8.can_convert`)."""
-    h, i = arch.hidden_size, arch.intermediate_size
-    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
-    shapes = [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)]
+    shapes = projection_shapes(arch).values()
     return arch.num_hidden_layers * sum(n * k for n, k in shapes if n % 16 == 0 and k % 16 == 0)
 
 
