@@ -8,9 +8,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
-
-FP8_MAX = 448.0
-MIN_SCALE = 1e-12
+from ember.model.fp8 import FP8_MAX, MIN_SCALE
 
 
 @triton.jit
@@ -40,4 +38,3 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                          BLOCK=block, num_warps=8 if block >= 4096 else 4,
                                          **pdl_launch_args(x.device))
     return q, scale
-
