@@ -126,10 +126,17 @@ def effective_quantization(requested: str | None, arch: ModelArchConfig, device:
     """What the projections become: `requested` ("fp8", or "none" for the checkpoint's own weights), or when
     it is None, FP8 matmuls for an FP8 checkpoint on a GPU that has them (vLLM's default) and none otherwise (the
     CPU dequantizes: its FP8 matmuls are no faster)."""
-    if requested is not None:
-        return None if requested == "none" else requested
     from ember.model import fp8
 
+    if requested == "none":
+        return None
+    if requested is not None:  # refused before any weight is read
+        if requested != "fp8":
+            raise ValueError(f"unknown quantization {requested!r}; ember has fp8")
+        if not fp8.supported(device):
+            raise ValueError(f"--quantization fp8 needs a Hopper or Blackwell data-center GPU (compute capability "
+                             f"9.x or 10.x), or the CPU; {device} is {torch.cuda.get_device_name(device)}")
+        return requested
     if arch.quantization and device.type == "cuda" and fp8.supported(device):
         logger.info("FP8 checkpoint on a GPU with FP8 matmuls: the projections stay FP8 (--quantization none "
                     "dequantizes them instead)")

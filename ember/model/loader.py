@@ -561,19 +561,16 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
     if quantization is not None:
         # Per-tensor FP8 weights (as vLLM makes them) unless the checkpoint has a scale per channel to keep.
         per_tensor = not any(q.weight_strategy == "channel" for q in arch.quantization)
-        quantize_model(model, quantization, device, checkpoint_scales, per_tensor)
+        quantize_model(model, quantization, checkpoint_scales, per_tensor)
     return model.eval()
 
 
-def quantize_model(model: LlamaForCausalLM, method: str, device: torch.device,
-                   row_scales: dict[str, torch.Tensor] | None = None, per_tensor: bool = True) -> None:
+def quantize_model(model: LlamaForCausalLM, method: str, row_scales: dict[str, torch.Tensor] | None = None,
+                   per_tensor: bool = True) -> None:
+    """`method` as `ember.engine.llm_engine.effective_quantization` checked it, before the load."""
     from ember.model import fp8
 
-    if method != "fp8":
-        raise ValueError(f"unknown quantization {method!r}; ember has fp8")
-    if not fp8.supported(device):
-        raise ValueError(f"--quantization fp8 needs a Hopper or Blackwell data-center GPU (compute capability 9.x "
-                         f"or 10.x), or the CPU; {device} is {torch.cuda.get_device_name(device)}")
+    assert method == "fp8", method
     n = fp8.convert_to_fp8(model, row_scales, per_tensor)
     logger.info("FP8 matmuls: %d of %d projections (FP8 weights, one scale per %s; activations per token)",
                 n, 4 * model.config.num_hidden_layers, "matrix" if per_tensor else "row")

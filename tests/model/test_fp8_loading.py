@@ -301,7 +301,7 @@ def test_fp8_checkpoints_default_to_fp8_matmuls_on_fp8_gpus_only(monkeypatch):
     plain = ModelArchConfig.from_hf(TINY)
     quantized = ModelArchConfig.from_hf(dict(TINY, quantization_config=_fp8_quantization_config("tensor")))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(fp8, "supported", lambda device: device.type == "cuda")  # an sm90 GPU, as far as it asks
+    monkeypatch.setattr(fp8, "supported", lambda device: True)  # an sm90 GPU (and the CPU), as far as it asks
     assert effective_quantization(None, quantized, cuda) == "fp8"
     assert effective_quantization(None, quantized, cpu) is None  # dequantized: the CPU's FP8 matmuls are no faster
     assert effective_quantization(None, plain, cuda) is None
@@ -309,6 +309,12 @@ def test_fp8_checkpoints_default_to_fp8_matmuls_on_fp8_gpus_only(monkeypatch):
     assert effective_quantization("fp8", plain, cpu) == "fp8"
     monkeypatch.setattr(fp8, "supported", lambda device: False)  # e.g. an A100: dequantized
     assert effective_quantization(None, quantized, cuda) is None
+    # Asked for explicitly there, or an unknown method: refused before any weight is read.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="needs a Hopper or Blackwell .* cuda is NVIDIA A100"):
+        effective_quantization("fp8", plain, cuda)
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        effective_quantization("int4", plain, cpu)
 
 
 def test_quantization_none_dequantizes_and_records_it(checkpoints):
