@@ -53,6 +53,15 @@ class TensorParallel:
             self.group.allreduce([x]).wait()
         return x
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x`, in place on every rank, queued on the device like the all-reduces (the tokens the
+        driver sampled, which the workers' next inputs may need before anyone has read them back)."""
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self.group.broadcast([x], opts).wait()
+        return x
+
     def agree_min(self, value: int) -> int:
         """The smallest of the ranks' `value`s, on every rank (e.g. KV blocks each GPU has room for)."""
         if self.size == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,10 +28,25 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sorted({s for s in sizes if s <= max_batch} | {max_batch})
 
 
+@dataclass
+class DecodeBatch:
+    """A step of decodes as plain lists (picklable: tensor-parallel workers replay the same graph)."""
+
+    input_ids: list[int]  # 0 where the token is still on the device (async scheduling)
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+
+
 class DecodeGraphs:
+    """`with_logits=False` (tensor-parallel workers, which do not sample): the graphs end at the hidden states."""
+
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 attn: AttentionBackend, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
+                 attn: AttentionBackend, max_batch: int, max_blocks_per_seq: int, device: torch.device,
+                 with_logits: bool = True) -> None:
         self.model = model
+        self.with_logits = with_logits
         self.kv_caches = kv_caches
         self.attn = attn
         self.sizes = capture_sizes(max_batch)
@@ -48,7 +64,7 @@ class DecodeGraphs:
         self._staging = [(torch.zeros(4, n, dtype=torch.long).pin_memory(),
                           torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()) for _ in range(2)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # logits, or hidden states without them
         self.capture_s = 0.0
 
     def _meta(self, b: int) -> AttentionMetadata:
@@ -60,7 +76,7 @@ class DecodeGraphs:
 
     def _forward(self, b: int) -> torch.Tensor:
         hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b), self.attn)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden) if self.with_logits else hidden
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -75,7 +91,7 @@ class DecodeGraphs:
                     self._forward(b)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=stream):
-                    self.logits[b] = self._forward(b)
+                    self.outputs[b] = self._forward(b)
                 self.graphs[b] = g
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
@@ -89,13 +105,13 @@ class DecodeGraphs:
                 return s
         return None
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]], pending: PendingInputs | None = None) -> torch.Tensor:
-        """Replay the graph for this decode batch; returns logits [b, vocab] (a view of the graph's output).
+    def run(self, batch: DecodeBatch, pending: PendingInputs | None = None) -> torch.Tensor:
+        """Replay the graph for this decode batch; returns logits [b, vocab] (or hidden states), a view of the
+        graph's output.
 
         `pending`: inputs still on the device (async scheduling), placed after the host's inputs are copied.
         """
-        b = len(input_ids)
+        b, tables = len(batch.input_ids), batch.block_tables
         size = self.padded_size(b)
         assert size is not None
         width = max(len(t) for t in tables)
@@ -103,7 +119,7 @@ class DecodeGraphs:
         host, host_bt = self._staging[0]
         h, bt = host.numpy(), host_bt.numpy()
         # Padding rows store nothing (slot -1) and attend to one token.
-        h[0, :b], h[1, :b], h[2, :b], h[3, :b] = input_ids, positions, slots, seq_lens
+        h[0, :b], h[1, :b], h[2, :b], h[3, :b] = batch.input_ids, batch.positions, batch.slots, batch.seq_lens
         h[0, b:size], h[1, b:size], h[2, b:size], h[3, b:size] = 0, 0, -1, 1
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
@@ -115,4 +131,4 @@ class DecodeGraphs:
         if pending is not None:
             pending.apply(self.input_ids)
         self.graphs[size].replay()
-        return self.logits[size][:b]
+        return self.outputs[size][:b]

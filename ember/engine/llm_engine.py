@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ember.attention import get_attention_backend
+from ember.attention import AttentionBackend, get_attention_backend
 from ember.config import EngineConfig
 from ember.distributed.parallel import TensorParallel
 from ember.engine.block_manager import BlockManager
@@ -200,6 +200,14 @@ def _profile_free_gpu_memory(config: EngineConfig, loaded: LoadedModel) -> int:
     return max(budget, 0)
 
 
+def decode_graph_shape(config: EngineConfig, device: torch.device, attn: AttentionBackend,
+                       max_model_len: int) -> tuple[int, int] | None:
+    """(largest batch, blocks a sequence) of the decode graphs to capture, or None to run every step eagerly."""
+    if device.type != "cuda" or config.enforce_eager or attn.name != "triton":
+        return None
+    return min(config.cuda_graph_max_batch, config.max_num_seqs), -(-max_model_len // config.block_size)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
         """`loaded` lets several engines (different cache or scheduler settings) share one set of weights."""
@@ -221,8 +229,7 @@ class LLMEngine:
                 raise
             # Stops the worker processes if the engine is dropped without close().
             self._finalizer = weakref.finalize(self, self.workers.stop)
-            logger.info("tensor parallelism over %d processes: steps run eager and synchronous (no CUDA graphs, "
-                        "no async scheduling)", config.tensor_parallel_size)
+            logger.info("tensor parallelism over %d processes", config.tensor_parallel_size)
         if loaded is not None and config.quantization is not None and \
                 loaded.quantization != effective_quantization(config.quantization, loaded.arch, loaded.device):
             raise ValueError(f"the shared model was loaded with quantization {loaded.quantization!r}, this engine's "
@@ -264,12 +271,11 @@ class LLMEngine:
                                   Sampler(self.eos_token_ids), self.tp)
         if self.workers is not None:
             self.workers.mark_running()
-        self.cuda_graphs_enabled = (self.device.type == "cuda" and not config.enforce_eager
-                                    and self.runner.attn.name == "triton" and not self.tp.enabled)
-        if self.cuda_graphs_enabled:
+        shape = decode_graph_shape(config, self.device, self.runner.attn, self.max_model_len)
+        self.cuda_graphs_enabled = shape is not None
+        if shape is not None:  # tensor-parallel workers capture theirs at the same time
             t4 = time.perf_counter()
-            self.runner.enable_cuda_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs),
-                                           self.block_manager.blocks_needed(self.max_model_len))
+            self.runner.enable_cuda_graphs(*shape)
             self.timings.cuda_graphs_s = time.perf_counter() - t4
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
@@ -277,7 +283,7 @@ class LLMEngine:
         self._finished_unreported: list[Request] = []
         # Async scheduling (default on CUDA): at most one step queued whose tokens are not read back.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda") and not self.tp.enabled
+                                 else self.device.type == "cuda")
         self._inflight: InflightStep | None = None
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0

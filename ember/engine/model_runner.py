@@ -8,7 +8,7 @@ import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
 from ember.distributed.parallel import TensorParallel
-from ember.engine.cuda_graphs import DecodeGraphs
+from ember.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from ember.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ember.engine.sequence import Sequence
 from ember.model.llama import LlamaForCausalLM
@@ -38,6 +38,16 @@ class HostBatch:
     seq_lens: list[int]
     block_tables: list[list[int]]  # padded with 0 to the longest
     logits_indices: list[int]
+
+
+@dataclass
+class WorkerStep:
+    """What the driver sends its tensor-parallel workers each step, so that they run the same forward."""
+
+    batch: HostBatch | DecodeBatch  # a DecodeBatch replays the captured graph of its size
+    # (rows, src): input_ids[rows] = the tokens the driver sampled the step before, at `src` (async scheduling).
+    pending: tuple[list[int], list[int]] | None
+    shared_tokens: int  # after the forward, receive this many tokens the driver samples (0: none)
 
 
 @dataclass
@@ -75,9 +85,16 @@ class PendingInputs:
     src: torch.Tensor
 
     @classmethod
-    def find(cls, items: list[ScheduledSeq], prev: InflightStep | None,
-             device: torch.device) -> PendingInputs | None:
-        """None unless some input token is one `prev` sampled and nobody has read back yet.
+    def on_device(cls, tokens: torch.Tensor, where: tuple[list[int], list[int]] | None,
+                  device: torch.device) -> PendingInputs | None:
+        if where is None:
+            return None
+        return cls(tokens, _to_device(where[0], torch.long, device), _to_device(where[1], torch.long, device))
+
+    @staticmethod
+    def locate(items: list[ScheduledSeq], prev: InflightStep | None) -> tuple[list[int], list[int]] | None:
+        """(rows, src) of the input tokens that `prev` sampled and nobody has read back yet: row i of the flat
+        batch takes prev's token src[i]; None if there are none.
 
         A sequence has at most one such token (one step is in flight at a time), its newest, at position
         len(token_ids); its row is wherever the sequence's chunk puts that position in the flat batch: the
@@ -98,8 +115,7 @@ class PendingInputs:
             return None
         assert prev is not None, "a pending token without the step that samples it"
         src = {s.seq_id: j for j, s in enumerate(prev.seqs)}
-        return cls(prev.tokens, _to_device(rows, torch.long, device),
-                   _to_device([src[s.seq_id] for s in owners], torch.long, device))
+        return rows, [src[s.seq_id] for s in owners]
 
     def apply(self, input_ids: torch.Tensor) -> None:
         input_ids.index_copy_(0, self.rows, self.tokens.index_select(0, self.src))
@@ -130,21 +146,29 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.graphs: DecodeGraphs | None = None
         self._pinned: list[torch.Tensor] = []
+        self._shared_tokens: torch.Tensor | None = None  # a worker's copy of the driver's last sampled tokens
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         return _to_device(data, dtype, self.device)
 
-    def prepare(self, sched: SchedulerOutput, prev: InflightStep | None = None) -> StepInputs:
+    def prepare(self, sched: SchedulerOutput, prev: InflightStep | None = None,
+                share_tokens: bool = False) -> StepInputs:
+        """`share_tokens`: the sampled tokens will be broadcast to the workers (async scheduling)."""
         batch, sample_seqs, prompt_lp = self._pack(sched)
-        if self.tp.enabled:  # the workers run the same forward, joining its all-reduces
-            assert prev is None, "tensor parallelism runs steps synchronously"
-            self.tp.broadcast_object(("step", batch))
+        where = PendingInputs.locate(sched.scheduled, prev)
+        self._send_to_workers(batch, where, len(sample_seqs) if share_tokens else 0)
         inp = self.device_inputs(batch)
-        pending = PendingInputs.find(sched.scheduled, prev, self.device)
-        if pending is not None:  # inputs still on the device (sampled by `prev`, not read back)
+        # Inputs still on the device (sampled by `prev`, not read back).
+        pending = None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
+        if pending is not None:
             pending.apply(inp.input_ids)
         inp.sample_seqs, inp.prompt_lp = sample_seqs, prompt_lp
         return inp
+
+    def _send_to_workers(self, batch: HostBatch | DecodeBatch, where: tuple[list[int], list[int]] | None,
+                         shared_tokens: int) -> None:
+        if self.tp.enabled:  # the workers run the same forward, joining its all-reduces
+            self.tp.broadcast_object(("step", WorkerStep(batch, where, shared_tokens)))
 
     def _pack(self, sched: SchedulerOutput
               ) -> tuple[HostBatch, list[Sequence], list[tuple[Sequence, int, int, int]]]:
@@ -192,20 +216,36 @@ class ModelRunner:
                           self._tensor(b.logits_indices, torch.int64), [], [])
 
     @torch.inference_mode()
-    def forward_on_worker(self, batch: HostBatch) -> None:
-        """A tensor-parallel worker's share of a step: the same forward as the driver's, whose collectives it
-        joins; the driver alone computes logits and samples."""
-        inp = self.device_inputs(batch)
-        self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
+    def forward_on_worker(self, step: WorkerStep) -> None:
+        """A tensor-parallel worker's share of a step: the same forward as the driver's (eager, or the replay of
+        the same captured graph), whose collectives it joins; the driver alone computes logits and samples, and
+        with async scheduling broadcasts the tokens, which a later step's inputs may need."""
+        tokens = self._shared_tokens
+        if step.pending is not None:
+            assert tokens is not None, "an input token the driver never shared"
+        pending = None if tokens is None else PendingInputs.on_device(tokens, step.pending, self.device)
+        if isinstance(step.batch, DecodeBatch):
+            assert self.graphs is not None, "the driver replays a decode graph this worker did not capture"
+            self.graphs.run(step.batch, pending)
+        else:
+            inp = self.device_inputs(step.batch)
+            if pending is not None:
+                pending.apply(inp.input_ids)
+            self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
+        if step.shared_tokens:
+            received = torch.empty(step.shared_tokens, dtype=torch.long, device=self.device)
+            self._shared_tokens = self.tp.broadcast(received)
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks_per_seq: int) -> float:
-        """Capture decode graphs; returns the capture time in seconds."""
+        """Capture decode graphs (every rank of a tensor-parallel group, in step: their all-reduces are in the
+        graphs); returns the capture time in seconds."""
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.attn, max_batch, max_blocks_per_seq,
-                                   self.device)
+                                   self.device, with_logits=self.sampler is not None)
         self.graphs.capture()
         return self.graphs.capture_s
 
-    def _graph_logits(self, sched: SchedulerOutput, prev: InflightStep | None) -> torch.Tensor | None:
+    def _graph_logits(self, sched: SchedulerOutput, prev: InflightStep | None,
+                      share_tokens: bool = False) -> torch.Tensor | None:
         """Logits of a step of pure decodes (no prompt logprobs) that fits a captured graph, run by replay."""
         g = self.graphs
         items = sched.scheduled
@@ -216,9 +256,13 @@ class ModelRunner:
         bs = self.block_size
         seqs = [i.seq for i in items]
         pos = [s.num_computed_tokens for s in seqs]
-        return g.run([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
-                     pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
-                     [p + 1 for p in pos], [s.block_table for s in seqs], PendingInputs.find(items, prev, self.device))
+        batch = DecodeBatch([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
+                            pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
+                            [p + 1 for p in pos], [s.block_table for s in seqs])
+        where = PendingInputs.locate(items, prev)
+        self._send_to_workers(batch, where, len(seqs) if share_tokens else 0)
+        pending = None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
+        return g.run(batch, pending)
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         """Where a step's tokens land on the host: two pinned buffers in turn (at most one step is in flight
@@ -238,11 +282,11 @@ class ModelRunner:
         replay a CUDA graph when one fits, anything else runs eagerly. (Only for steps without prompt logprobs
         whose sampling rows need no host-side state of the newest token: no grammar, penalties, min_tokens or
         logprobs; the engine checks.)"""
-        logits = self._graph_logits(sched, prev)
+        logits = self._graph_logits(sched, prev, share_tokens=True)
         if logits is not None:
             seqs = [i.seq for i in sched.scheduled]
         else:
-            inp = self.prepare(sched, prev)
+            inp = self.prepare(sched, prev, share_tokens=True)
             assert not inp.prompt_lp, "launch: prompt logprobs are read back in the step, synchronously"
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
             seqs = inp.sample_seqs
@@ -253,6 +297,7 @@ class ModelRunner:
         else:
             # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
             tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
+            self.tp.broadcast(tokens)  # the workers' copy, for the next step's inputs
         if self.device.type != "cuda":
             return InflightStep(seqs, tokens, tokens, None)
         host = self._host_buffer(len(seqs))

@@ -1,8 +1,10 @@
 """Tensor-parallel worker processes: ranks 1..N-1, each holding its shards of the model and its KV heads.
 
 The engine process is rank 0 (the driver): it schedules, samples and detokenizes; each step it sends the
-workers the step's flat batch (`HostBatch`) over a gloo group, and every rank runs the same forward pass, whose
-all-reduces combine the shards. Workers are spawned (fresh interpreters: CUDA cannot be forked), meet the driver at
+workers the step's flat batch (`WorkerStep`) over a gloo group, and every rank runs the same forward pass (eager,
+or the replay of the same captured decode graph), whose all-reduces combine the shards. With async scheduling the
+driver also broadcasts the tokens it samples, on the device, since a worker's next inputs may include them before
+the driver has read them back. Workers are spawned (fresh interpreters: CUDA cannot be forked), meet the driver at
 a TCP rendezvous on 127.0.0.1, report their load through a pipe, then loop until told to stop.
 """
 
@@ -125,7 +127,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     of every step the driver sends until it sends "stop"."""
     from ember.attention import get_attention_backend
     from ember.engine.kv_cache import allocate_kv_cache
-    from ember.engine.llm_engine import load_model, num_kv_blocks
+    from ember.engine.llm_engine import decode_graph_shape, load_model, num_kv_blocks
     from ember.engine.model_runner import ModelRunner
 
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp-worker-{rank} %(name)s: "
@@ -153,11 +155,14 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size, loaded.dtype, device, tp.size)
     runner = ModelRunner(loaded.model, kv_caches, config.block_size, device,
                          get_attention_backend(config.attention_backend, device), None, tp)
+    shape = decode_graph_shape(config, device, runner.attn, loaded.max_model_len)
+    if shape is not None:  # as the driver does, at the same time: the graphs hold the all-reduces
+        runner.enable_cuda_graphs(*shape)
     while True:
-        kind, batch = tp.broadcast_object()
+        kind, step = tp.broadcast_object()
         if kind == "stop":
             return
-        runner.forward_on_worker(batch)
+        runner.forward_on_worker(step)
 
 
 def _exit_with_parent() -> None:

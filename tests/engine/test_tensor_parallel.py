@@ -63,6 +63,32 @@ def test_two_ranks_match_one(tiny_dir: Path, device: str) -> None:
         assert torch.allclose(torch.tensor(p1), torch.tensor(p2), atol=1e-4)
 
 
+@pytest.mark.parametrize("device", [
+    "cpu",
+    # Decode steps replay CUDA graphs on every rank (their all-reduces captured), as by default on GPUs.
+    pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")),
+])
+def test_async_scheduling_across_ranks_matches_one_synchronous_rank(tiny_dir: Path, device: str) -> None:
+    """Steps queued before the previous step's tokens are read back: a worker's inputs then include tokens only
+    the driver's device holds, which it broadcasts after sampling. Greedy and seeded sampling, and a prompt in
+    chunks beside decodes."""
+    prompts = [[1, 500, 7000, 42, 9], list(range(5, 150)), [3, 1000, 20000, 31000, 17, 17, 4]]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)]
+    results = []
+    for tp, async_scheduling in ((1, False), (2, True)):
+        with LLM(str(tiny_dir), tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=2 << 20,
+                 max_num_batched_tokens=64, device=device, dtype="float32",
+                 async_scheduling=async_scheduling) as llm:
+            assert llm.engine.async_scheduling is async_scheduling
+            assert llm.engine.cuda_graphs_enabled is (device == "cuda")
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            results.append([o.outputs[0].token_ids for o in outs])
+    assert results[0] == results[1]
+    assert all(len(t) == 12 for t in results[1])
+
+
 def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
     """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks. Its weights come from the GGUF (or the fused fp32 copy
     ember keeps of it), whose q/k/v and gate/up are cut per rank from one tensor."""
