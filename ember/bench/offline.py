@@ -51,8 +51,9 @@ def run_info(device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> dic
 
 
 def _engine_info(engine: LLMEngine) -> dict[str, Any]:
-    # The rooflines are one GPU's (its measured rates, the whole model's FLOPs and KV bytes; the weight bytes are
-    # those this process holds): with tensor parallelism they are not the group's ceiling.
+    # With tensor parallelism the rates are measured on rank 0's GPU and the rooflines are the group's: each rank
+    # reads its own weights (those this process holds, the lm_head included) and 1/N of the KV cache, and the
+    # FLOPs are shared evenly over the N GPUs.
     return {**run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled),
             "quantization": engine.loaded.quantization, "tensor_parallel_size": engine.tp.size}
 
@@ -75,8 +76,9 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     b = args.batch_size
     avg_ctx = args.input_len + args.output_len / 2
     weights = model_weight_bytes(engine.model)
-    floor = roof.step_time(engine.arch, engine.dtype, b, b * avg_ctx, attention_flops(engine.arch, b, avg_ctx),
-                           weight_bytes=weights)
+    ranks = engine.tp.size
+    floor = roof.step_time(engine.arch, engine.dtype, b / ranks, b * avg_ctx / ranks,
+                           attention_flops(engine.arch, b, avg_ctx) / ranks, weight_bytes=weights)
     return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
@@ -105,7 +107,7 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
     elapsed, outs = run_to_completion(engine, prompts, sp, "tput")
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(p) for p in prompts)
-    floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len)
+    floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len) / engine.tp.size
     st = engine.stats()
     return {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,

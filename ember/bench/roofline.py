@@ -131,7 +131,7 @@ class Roofline:
         fp8_flops = 2 * projection_params(arch) * projection_tokens
         return fp8_flops / self.fp8_matmul_rate + (flops - fp8_flops) / self.matmul_rate
 
-    def step_time(self, arch: ModelArchConfig, dtype: torch.dtype, new_tokens: int, kv_tokens_read: float,
+    def step_time(self, arch: ModelArchConfig, dtype: torch.dtype, new_tokens: float, kv_tokens_read: float,
                   attn_flops: float, lm_head_rows: int | None = None, weight_bytes: int | None = None) -> float:
         """Floor for one forward: max(bytes / bandwidth, FLOPs / matmul rate). `weight_bytes`: of the model as
         loaded (`model_weight_bytes`), when it is not all in `dtype`."""

@@ -62,6 +62,12 @@ class TensorParallel:
             self.group.broadcast([x], opts).wait()
         return x
 
+    def shutdown(self) -> None:
+        """Tear the model group down now, after the workers have exited and the CUDA graphs that captured its
+        collectives are gone (left to the interpreter's exit, NCCL's teardown hung with graphs alive)."""
+        if self.size > 1:
+            self.group.shutdown()
+
     def agree_min(self, value: int) -> int:
         """The smallest of the ranks' `value`s, on every rank (e.g. KV blocks each GPU has room for)."""
         if self.size == 1:

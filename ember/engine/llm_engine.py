@@ -200,6 +200,17 @@ def _profile_free_gpu_memory(config: EngineConfig, loaded: LoadedModel) -> int:
     return max(budget, 0)
 
 
+def _shut_down_tensor_parallel(workers: WorkerGroup, tp: TensorParallel, graph_runners: list[ModelRunner]) -> None:
+    """Stop the workers, then free this rank's CUDA graphs, then its model group, in that order: left to the
+    interpreter's exit, NCCL's teardown hung while graphs that captured its all-reduces were alive."""
+    workers.stop()
+    for runner in graph_runners:
+        runner.release_graphs()
+    graph_runners.clear()
+    if tp.group is not None:
+        tp.shutdown()
+
+
 def decode_graph_shape(config: EngineConfig, device: torch.device, attn: AttentionBackend,
                        max_model_len: int) -> tuple[int, int] | None:
     """(largest batch, blocks a sequence) of the decode graphs to capture, or None to run every step eagerly."""
@@ -216,6 +227,7 @@ class LLMEngine:
             use_compile_cache(config.compile_cache_dir)
         self.workers: WorkerGroup | None = None
         self.tp = TensorParallel()
+        self._graph_runners: list[ModelRunner] = []  # whose graphs go before the tensor-parallel group does
         if config.tensor_parallel_size > 1:
             if loaded is not None:
                 raise ValueError("a tensor-parallel engine loads its own shards; it cannot share a LoadedModel")
@@ -228,7 +240,8 @@ class LLMEngine:
                 self.workers.stop()
                 raise
             # Stops the worker processes if the engine is dropped without close().
-            self._finalizer = weakref.finalize(self, self.workers.stop)
+            self._finalizer = weakref.finalize(self, _shut_down_tensor_parallel, self.workers, self.tp,
+                                               self._graph_runners)
             logger.info("tensor parallelism over %d processes", config.tensor_parallel_size)
         if loaded is not None and config.quantization is not None and \
                 loaded.quantization != effective_quantization(config.quantization, loaded.arch, loaded.device):
@@ -276,6 +289,7 @@ class LLMEngine:
         if shape is not None:  # tensor-parallel workers capture theirs at the same time
             t4 = time.perf_counter()
             self.runner.enable_cuda_graphs(*shape)
+            self._graph_runners.append(self.runner)
             self.timings.cuda_graphs_s = time.perf_counter() - t4
         self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}

@@ -244,6 +244,12 @@ class ModelRunner:
         self.graphs.capture()
         return self.graphs.capture_s
 
+    def release_graphs(self) -> None:
+        """Free the captured graphs (before a tensor-parallel group's teardown: theirs hold its all-reduces)."""
+        if self.graphs is not None:
+            torch.cuda.synchronize(self.device)
+            self.graphs = None
+
     def _graph_logits(self, sched: SchedulerOutput, prev: InflightStep | None,
                       share_tokens: bool = False) -> torch.Tensor | None:
         """Logits of a step of pure decodes (no prompt logprobs) that fits a captured graph, run by replay."""

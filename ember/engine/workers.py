@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -161,7 +162,11 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     while True:
         kind, step = tp.broadcast_object()
         if kind == "stop":
-            return
+            # Gone at once: NCCL's teardown in an exiting interpreter waits for the other ranks' (or hangs on
+            # captured graphs), and nothing here needs saving.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         runner.forward_on_worker(step)
 
 

@@ -79,9 +79,13 @@ class Fp8Linear(nn.Module):
     def kernel(self, x: torch.Tensor) -> str:
         """Which product serves activations `x` [M, K]: "gemv" (one 16-bit row, left unquantized, on a GPU),
         "tensorwise" (up to 64 bf16 rows on a GPU with per-tensor weights: cuBLASLt's tensor-wise kernel, the
-        token scales applied to its output rows) or "rowwise" (cuBLASLt's row-wise kernel: larger batches, fp16,
-        per-channel weights, and the CPU). All but the GEMV quantize the activations per token."""
-        if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        token scales applied to its output rows), "rowwise" (cuBLASLt's row-wise kernel: larger batches, fp16,
+        per-channel weights) or "cpu" (an FP8 product with unit scales into fp32, then both scales: CPU builds
+        of torch before 2.13 take per-tensor scales only). All but the GEMV quantize the activations per
+        token."""
+        if not x.is_cuda:
+            return "cpu"
+        if x.dtype not in (torch.bfloat16, torch.float16):
             return "rowwise"
         if x.shape[0] == 1:
             return "gemv"
@@ -107,6 +111,10 @@ class Fp8Linear(nn.Module):
                 y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.unit_scale, scale_b=self.tensor_scale,
                                      out_dtype=x.dtype)
                 y.mul_(x_scale)
+            elif kernel == "cpu":
+                one = torch.ones((), device=x.device)
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+                y = (y * x_scale * self.weight_scale).to(x.dtype)
             else:
                 y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                      out_dtype=x.dtype)
