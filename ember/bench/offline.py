@@ -78,7 +78,7 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     weights = model_weight_bytes(engine.model)
     ranks = engine.tp.size
     floor = roof.step_time(engine.arch, engine.dtype, b / ranks, b * avg_ctx / ranks,
-                           attention_flops(engine.arch, b, avg_ctx) / ranks, weight_bytes=weights)
+                           attention_flops(engine.arch, b, avg_ctx) / ranks, lm_head_rows=b, weight_bytes=weights)
     return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
@@ -87,15 +87,18 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
 
 
 def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: int) -> float:
-    """FLOPs of the whole workload over the matmul rates (bytes are not the limit at this batch size)."""
+    """FLOPs of the whole workload over the matmul rates (bytes are not the limit at this batch size), shared
+    evenly over the tensor-parallel ranks but for the lm_head's, which rank 0 alone runs."""
     arch = engine.arch
+    tokens = n * (inp + out)
     # Every token goes through the layers; only the sampled ones (the last prompt token, then each output
     # token but the last) through the lm_head.
     lm_head = 2 * arch.vocab_size * arch.hidden_size
-    flops = matmul_flops_per_token(arch) * n * (inp + out) - lm_head * n * (inp - 1)
+    layers = (matmul_flops_per_token(arch) - lm_head) * tokens
     # Causal prefill averages inp/2 keys per query; decode tokens see inp + j keys.
-    flops += n * (attention_flops(arch, inp, inp / 2) + attention_flops(arch, out, inp + out / 2))
-    return roof.compute_time(arch, flops, n * (inp + out))
+    layers += n * (attention_flops(arch, inp, inp / 2) + attention_flops(arch, out, inp + out / 2))
+    ranks = engine.tp.size
+    return roof.compute_time(arch, layers / ranks + lm_head * n * out, tokens / ranks)
 
 
 def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
@@ -107,7 +110,7 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
     elapsed, outs = run_to_completion(engine, prompts, sp, "tput")
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(p) for p in prompts)
-    floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len) / engine.tp.size
+    floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len)
     st = engine.stats()
     return {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
             "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,

@@ -200,9 +200,20 @@ def _profile_free_gpu_memory(config: EngineConfig, loaded: LoadedModel) -> int:
     return max(budget, 0)
 
 
+STEP_DRAIN_TIMEOUT_S = 30.0
+
+
 def _shut_down_tensor_parallel(workers: WorkerGroup, tp: TensorParallel, graph_runners: list[ModelRunner]) -> None:
     """Stop the workers, then free this rank's CUDA graphs, then its model group, in that order: left to the
-    interpreter's exit, NCCL's teardown hung while graphs that captured its all-reduces were alive."""
+    interpreter's exit, NCCL's teardown hung while graphs that captured its all-reduces were alive. A step still
+    queued (async scheduling) runs to its end first: workers leave at once on the stop message, and the driver's
+    all-reduces of that step wait for theirs."""
+    if workers.device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(workers.device))
+        deadline = time.monotonic() + STEP_DRAIN_TIMEOUT_S  # a dead worker's share never comes
+        while not done.query() and time.monotonic() < deadline:
+            time.sleep(0.001)
     workers.stop()
     for runner in graph_runners:
         runner.release_graphs()

@@ -48,6 +48,9 @@ class WorkerStep:
     # (rows, src): input_ids[rows] = the tokens the driver sampled the step before, at `src` (async scheduling).
     pending: tuple[list[int], list[int]] | None
     shared_tokens: int  # after the forward, receive this many tokens the driver samples (0: none)
+    # Before anything else, receive again the tokens `pending` indexes (0: no need): a failed step's stand-in
+    # broadcast has replaced the workers' copy.
+    resent_tokens: int = 0
 
 
 @dataclass
@@ -147,6 +150,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self._pinned: list[torch.Tensor] = []
         self._shared_tokens: torch.Tensor | None = None  # a worker's copy of the driver's last sampled tokens
+        self._resend_tokens = False  # the driver's: a failed step broadcast zeros in place of its tokens
 
     def _tensor(self, data: list[int], dtype: torch.dtype) -> torch.Tensor:
         return _to_device(data, dtype, self.device)
@@ -156,7 +160,7 @@ class ModelRunner:
         """`share_tokens`: the sampled tokens will be broadcast to the workers (async scheduling)."""
         batch, sample_seqs, prompt_lp = self._pack(sched)
         where = PendingInputs.locate(sched.scheduled, prev)
-        self._send_to_workers(batch, where, len(sample_seqs) if share_tokens else 0)
+        self._send_to_workers(batch, where, len(sample_seqs) if share_tokens else 0, prev)
         inp = self.device_inputs(batch)
         # Inputs still on the device (sampled by `prev`, not read back).
         pending = None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
@@ -166,9 +170,16 @@ class ModelRunner:
         return inp
 
     def _send_to_workers(self, batch: HostBatch | DecodeBatch, where: tuple[list[int], list[int]] | None,
-                         shared_tokens: int) -> None:
-        if self.tp.enabled:  # the workers run the same forward, joining its all-reduces
-            self.tp.broadcast_object(("step", WorkerStep(batch, where, shared_tokens)))
+                         shared_tokens: int, prev: InflightStep | None) -> None:
+        if not self.tp.enabled:
+            return
+        # The workers run the same forward, joining its all-reduces.
+        resend = prev.tokens if self._resend_tokens and where is not None and prev is not None else None
+        self._resend_tokens = False  # later steps' inputs come from steps that broadcast their own tokens
+        self.tp.broadcast_object(("step", WorkerStep(batch, where, shared_tokens,
+                                                     0 if resend is None else resend.numel())))
+        if resend is not None:
+            self.tp.broadcast(resend)
 
     def _pack(self, sched: SchedulerOutput
               ) -> tuple[HostBatch, list[Sequence], list[tuple[Sequence, int, int, int]]]:
@@ -220,6 +231,9 @@ class ModelRunner:
         """A tensor-parallel worker's share of a step: the same forward as the driver's (eager, or the replay of
         the same captured graph), whose collectives it joins; the driver alone computes logits and samples, and
         with async scheduling broadcasts the tokens, which a later step's inputs may need."""
+        if step.resent_tokens:
+            received = torch.empty(step.resent_tokens, dtype=torch.long, device=self.device)
+            self._shared_tokens = self.tp.broadcast(received)
         tokens = self._shared_tokens
         if step.pending is not None:
             assert tokens is not None, "an input token the driver never shared"
@@ -266,7 +280,7 @@ class ModelRunner:
                             pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
                             [p + 1 for p in pos], [s.block_table for s in seqs])
         where = PendingInputs.locate(items, prev)
-        self._send_to_workers(batch, where, len(seqs) if share_tokens else 0)
+        self._send_to_workers(batch, where, len(seqs) if share_tokens else 0, prev)
         pending = None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
         return g.run(batch, pending)
 
@@ -301,8 +315,17 @@ class ModelRunner:
         if logits is None:  # mid-prompt chunks only
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
         else:
-            # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
-            tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
+            try:
+                # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
+                tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
+            except BaseException:
+                # The workers wait for this step's tokens: without them, the next collective would pair with
+                # that wait. Nobody reads these zeros (the step failed, its sequences did not advance), but they
+                # replace the workers' copy of the step before's tokens, which the next step's inputs may need.
+                if self.tp.enabled:
+                    self.tp.broadcast(torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+                    self._resend_tokens = True
+                raise
             self.tp.broadcast(tokens)  # the workers' copy, for the next step's inputs
         if self.device.type != "cuda":
             return InflightStep(seqs, tokens, tokens, None)

@@ -9,9 +9,10 @@ the lm_head stay in the model's dtype.
 Three products (`Fp8Linear.kernel`): batch-1 decode on a GPU keeps its 16-bit activation and goes through ember's
 FP8 GEMV (`ember/kernels/fp8_gemv.py`); up to 64 bf16 rows with per-tensor weights go through cuBLASLt's tensor-wise
 FP8 kernel, about twice as fast as its row-wise one at those sizes, each token's scale applied to its output row
-afterwards; larger batches, per-channel weights and the CPU through the row-wise kernel (`torch._scaled_mm` with a
-scale per token and per weight row). A batch-wide activation scale would save that row scaling, but would let one
-row's outliers (a prompt's first token, a CUDA graph's padding rows) coarsen every other row's quantization.
+afterwards; larger batches and per-channel weights through the row-wise kernel (`torch._scaled_mm` with a scale
+per token and per weight row). CPUs take a unit-scale FP8 product into fp32, then both scales. A batch-wide
+activation scale would save that row scaling, but would let one row's outliers (a prompt's first token, a CUDA
+graph's padding rows) coarsen every other row's quantization.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ class Fp8Linear(nn.Module):
         """Which product serves activations `x` [M, K]: "gemv" (one 16-bit row, left unquantized, on a GPU),
         "tensorwise" (up to 64 bf16 rows on a GPU with per-tensor weights: cuBLASLt's tensor-wise kernel, the
         token scales applied to its output rows), "rowwise" (cuBLASLt's row-wise kernel: larger batches, fp16,
-        per-channel weights) or "cpu" (an FP8 product with unit scales into fp32, then both scales: CPU builds
-        of torch before 2.13 take per-tensor scales only). All but the GEMV quantize the activations per
+        per-channel weights) or "cpu" (an FP8 product with unit scales into fp32, then both scales: torch
+        2.11's CPU build takes per-tensor scales only). All but the GEMV quantize the activations per
         token."""
         if not x.is_cuda:
             return "cpu"

@@ -89,6 +89,41 @@ def test_async_scheduling_across_ranks_matches_one_synchronous_rank(tiny_dir: Pa
     assert all(len(t) == 12 for t in results[1])
 
 
+def test_a_step_that_fails_to_sample_leaves_the_ranks_in_step(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error between a queued step's forward and the broadcast of its tokens (a sampler error, Ctrl-C): the
+    workers still get a broadcast to end their wait, then the tokens of the step before, which the retried step's
+    inputs need; the requests then finish as on one rank."""
+    prompts = [[1, 500, 7000, 42, 9], [3, 1000, 20000, 31000, 17, 17, 4]]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    opts = dict(max_model_len=256, kv_cache_memory_bytes=2 << 20, device="cpu", dtype="float32")
+    with LLM(str(tiny_dir), **opts) as one:
+        expected = [o.outputs[0].token_ids for o in one.generate(prompt_token_ids=prompts, sampling_params=sp)]
+    with LLM(str(tiny_dir), tensor_parallel_size=2, async_scheduling=True, **opts) as llm:
+        engine = llm.engine
+        sampler = engine.runner.sampler
+        real, calls = sampler.sample, []
+
+        def flaky(*args: object) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == 4:  # a decode step queued while the one before is still unread
+                raise RuntimeError("sampler failed")
+            return real(*args)
+
+        monkeypatch.setattr(sampler, "sample", flaky)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", None, p, sp.clone())
+        finished: dict[str, list[int]] = {}
+
+        def run() -> None:
+            while engine.has_unfinished_requests():
+                finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+
+        with pytest.raises(RuntimeError, match="sampler failed"):
+            run()
+        run()
+    assert [finished["r0"], finished["r1"]] == expected
+
+
 def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
     """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks. Its weights come from the GGUF (or the fused fp32 copy
     ember keeps of it), whose q/k/v and gate/up are cut per rank from one tensor."""
