@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import select
 import signal
 import socket
 import subprocess
@@ -15,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from server_log import read_until
 
 from ember.cli import build_parser, engine_config_from_args, main, run_chat, server_config_from_args
 from ember.config import EMBEDDED_MODEL, EngineConfig
@@ -131,23 +130,6 @@ def test_example_client(live_server: Any) -> None:
         assert label in r.stdout
 
 
-def _read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> tuple[re.Match[str], str]:
-    assert proc.stderr is not None
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
-        if ready:
-            line = proc.stderr.readline()
-            if not line and proc.poll() is not None:
-                break
-            seen += line
-            m = re.search(pattern, line)
-            if m:
-                return m, seen
-    raise AssertionError(f"no line matching {pattern!r} in:\n{seen}")
-
-
 TEMPLATE = "{% for m in messages %}<<{{ m['role'] }}:{{ m['content'] }}>>{% endfor %}"
 
 
@@ -159,9 +141,10 @@ def test_ember_serve_process() -> None:
     proc = subprocess.Popen([*EMBER, "serve", "--port", "0", "--served-model-name", "mine", "other",
                              "--max-model-len", "512", "--kv-cache-memory-bytes", "64MiB", "--api-key", "sesame",
                              "--chat-template", TEMPLATE],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT, env=env)
     try:
-        m, log = _read_until(proc, r"ember ready in .* at (http://127\.0\.0\.1:\d+)/v1", timeout=300)
+        m, log = read_until(proc, r"ember ready in .* at (http://127\.0\.0\.1:\d+)/v1", timeout=300)
+        assert m is not None, log
         url = m.group(1)
         assert log.count("ember ready") == 1
         assert "Uvicorn running" not in log  # the ready line is the one that tells the URL

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import select
 import signal
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from server_log import read_until
 
 from ember.server.faults import ENV_STEP_FAILS_AFTER
 
@@ -29,37 +28,27 @@ ARGS = ["serve", "--port", "0", "--max-model-len", "512", "--kv-cache-memory-byt
 HELLO = [{"role": "user", "content": "Tell me a story."}]
 
 
-def _start(extra_env: dict[str, str], *flags: str) -> tuple[subprocess.Popen[str], str]:
+def _start(extra_env: dict[str, str], *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     env.pop("EMBER_API_KEY", None)
-    proc = subprocess.Popen([*EMBER, *ARGS, *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            cwd=ROOT, env=env)
-    assert proc.stderr is not None
-    seen, deadline = "", time.monotonic() + 300
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 0.5)
-        if not ready:
-            continue
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        m = re.search(r"ember ready in .* at (http://127\.0\.0\.1:\d+)/v1", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise AssertionError(f"the server did not become ready:\n{seen}")
+    proc = subprocess.Popen([*EMBER, *ARGS, *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
+                            env=env)
+    m, seen = read_until(proc, r"ember ready in .* at (http://127\.0\.0\.1:\d+)/v1", timeout=300)
+    if m is None:
+        proc.kill()
+        raise AssertionError(f"the server did not become ready:\n{seen}")
+    return proc, m.group(1)
 
 
-def _stop(proc: subprocess.Popen[str]) -> str:
+def _stop(proc: subprocess.Popen[bytes]) -> str:
     if proc.poll() is None:
         proc.kill()
     _, err = proc.communicate(timeout=30)
-    return err
+    return err.decode(errors="replace")
 
 
 @contextlib.contextmanager
-def _server(extra_env: dict[str, str], *flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+def _server(extra_env: dict[str, str], *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str, list[str]]]:
     """A server process for the block; yields (process, URL, a list that receives its stderr once stopped).
     A failure inside the block is re-raised with the server's log attached."""
     proc, url = _start(extra_env, *flags)
