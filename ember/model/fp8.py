@@ -63,7 +63,8 @@ class Fp8Linear(nn.Module):
         first = self.weight_scale.reshape(-1)[:1]
         uniform = bool((self.weight_scale == first).all())
         self.tensor_scale = nn.Buffer(first.reshape(()).clone()) if uniform else None
-        self.unit_scale = nn.Buffer(torch.ones((), device=weight.device), persistent=False) if uniform else None
+        # The other operand's scale where a product's scales are applied apart (tensor-wise, CPU).
+        self.unit_scale = nn.Buffer(torch.ones((), device=weight.device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, row_scales: torch.Tensor | None = None,
@@ -113,8 +114,8 @@ class Fp8Linear(nn.Module):
                                      out_dtype=x.dtype)
                 y.mul_(x_scale)
             elif kernel == "cpu":
-                one = torch.ones((), device=x.device)
-                y = torch._scaled_mm(xq, self.weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.unit_scale, scale_b=self.unit_scale,
+                                     out_dtype=torch.float32)
                 y = (y * x_scale * self.weight_scale).to(x.dtype)
             else:
                 y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
