@@ -218,8 +218,7 @@ def _shut_down_tensor_parallel(workers: WorkerGroup, tp: TensorParallel, graph_r
     for runner in graph_runners:
         runner.release_graphs()
     graph_runners.clear()
-    if tp.group is not None:
-        tp.shutdown()
+    tp.shutdown()
 
 
 def decode_graph_shape(config: EngineConfig, device: torch.device, attn: AttentionBackend,

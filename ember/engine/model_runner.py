@@ -259,10 +259,10 @@ class ModelRunner:
         return self.graphs.capture_s
 
     def release_graphs(self) -> None:
-        """Free the captured graphs (before a tensor-parallel group's teardown: theirs hold its all-reduces)."""
-        if self.graphs is not None:
-            torch.cuda.synchronize(self.device)
-            self.graphs = None
+        """Free the captured graphs (before a tensor-parallel group's teardown: theirs hold its all-reduces). The
+        caller has let the device drain, with a bound: a second, unbounded wait here would hang on a replay whose
+        all-reduces a dead worker never joins."""
+        self.graphs = None
 
     def _graph_logits(self, sched: SchedulerOutput, prev: InflightStep | None,
                       share_tokens: bool = False) -> torch.Tensor | None:
