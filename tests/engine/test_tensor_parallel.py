@@ -25,17 +25,20 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Path
     return tiny_checkpoints.write(tmp_path_factory.mktemp("tiny-tp"), tiny_checkpoints.weights(std=0.15))
 
 
+# Short prompts and one that prefills in several chunks (max_num_batched_tokens=64) beside the others' decodes.
+PROMPTS = [[1, 500, 7000, 42, 9], list(range(5, 150)), [3, 1000, 20000, 31000, 17, 17, 4]]
+
+
 def _run(path: str, tp: int, **kwargs: object) -> list[tuple[list[int], list[float], list[float]]]:
     """(tokens, their logprobs, prompt logprobs) of a mixed batch: greedy, seeded sampling, long prompts in
     chunks, prompt logprobs."""
     llm = LLM(path, tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=2 << 20,
               max_num_batched_tokens=64, **kwargs)
     try:
-        prompts = [[1, 500, 7000, 42, 9], list(range(5, 150)), [3, 1000, 20000, 31000, 17, 17, 4]]
         params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1, prompt_logprobs=1),
                   SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1),
                   SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=10, ignore_eos=True, logprobs=1)]
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
         result = []
         for o in outs:
             c = o.outputs[0]
@@ -72,7 +75,6 @@ def test_async_scheduling_across_ranks_matches_one_synchronous_rank(tiny_dir: Pa
     """Steps queued before the previous step's tokens are read back: a worker's inputs then include tokens only
     the driver's device holds, which it broadcasts after sampling. Greedy and seeded sampling, and a prompt in
     chunks beside decodes."""
-    prompts = [[1, 500, 7000, 42, 9], list(range(5, 150)), [3, 1000, 20000, 31000, 17, 17, 4]]
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)]
@@ -83,7 +85,7 @@ def test_async_scheduling_across_ranks_matches_one_synchronous_rank(tiny_dir: Pa
                  async_scheduling=async_scheduling) as llm:
             assert llm.engine.async_scheduling is async_scheduling
             assert llm.engine.cuda_graphs_enabled is (device == "cuda")
-            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
             results.append([o.outputs[0].token_ids for o in outs])
     assert results[0] == results[1]
     assert all(len(t) == 12 for t in results[1])
@@ -93,7 +95,7 @@ def test_a_step_that_fails_to_sample_leaves_the_ranks_in_step(tiny_dir: Path, mo
     """An error between a queued step's forward and the broadcast of its tokens (a sampler error, Ctrl-C): the
     workers still get a broadcast to end their wait, then the tokens of the step before, which the retried step's
     inputs need; the requests then finish as on one rank."""
-    prompts = [[1, 500, 7000, 42, 9], [3, 1000, 20000, 31000, 17, 17, 4]]
+    prompts = [PROMPTS[0], PROMPTS[2]]
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     opts = dict(max_model_len=256, kv_cache_memory_bytes=2 << 20, device="cpu", dtype="float32")
     with LLM(str(tiny_dir), **opts) as one:
