@@ -22,6 +22,10 @@ def add_bench(sub: Any, add_engine_args: Callable[[argparse.ArgumentParser], Non
         q.add_argument("--num-prompts", type=int, default=defaults.get("num_prompts", 0))
         q.add_argument("--iters", type=int, default=3)
         q.add_argument("--output-json", default=None)
+        if name == "throughput":
+            q.add_argument("--sustained-seconds", type=float, default=5.0,
+                           help="after the run, time matmuls after this long under load: the roofline at the "
+                                "clock a long run holds, reported beside the burst one (0: skip)")
 
         def run(args: argparse.Namespace) -> int:
             from ember.bench import hf_peer

@@ -15,6 +15,7 @@ from ember.bench.roofline import (
     kv_bytes_per_token,
     matmul_flops_per_token,
     measure,
+    measure_matmul_sustained,
     model_weight_bytes,
 )
 from ember.config import EngineConfig
@@ -111,14 +112,26 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(p) for p in prompts)
     floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len)
+    res = {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
+           "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
+           "requests_s": args.num_prompts / elapsed, "output_tok_s": n_out / elapsed,
+           "total_tok_s": (n_in + n_out) / elapsed, **roof.rates(), "roofline_s": floor,
+           "pct_of_roofline": 100 * floor / elapsed}
+    if args.sustained_seconds > 0:
+        # Measured right after the run, with the card as hot as the run left it: the matmul rate a workload of
+        # this length can count on (see `measure_matmul_sustained`), beside the burst rate above.
+        fp8 = roof.fp8_matmul_rate is not None
+        held = Roofline(roof.bandwidth, measure_matmul_sustained(engine.device, engine.dtype, args.sustained_seconds),
+                        measure_matmul_sustained(engine.device, engine.dtype, args.sustained_seconds, fp8=True)
+                        if fp8 else None)
+        held_floor = throughput_floor(held, engine, args.num_prompts, args.input_len, args.output_len)
+        res |= {"sustained_matmul_tflop_s": held.matmul_rate / 1e12, "roofline_sustained_s": held_floor,
+                "pct_of_sustained_roofline": 100 * held_floor / elapsed}
+        if fp8:
+            res["sustained_fp8_matmul_tflop_s"] = held.fp8_matmul_rate / 1e12
     st = engine.stats()
-    return {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
-            "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
-            "requests_s": args.num_prompts / elapsed, "output_tok_s": n_out / elapsed,
-            "total_tok_s": (n_in + n_out) / elapsed, **roof.rates(), "roofline_s": floor,
-            "pct_of_roofline": 100 * floor / elapsed,
-            "kv_blocks": engine.block_manager.num_blocks, "preemptions": st["num_preemptions"],
-            "kv_bytes_per_token": kv_bytes_per_token(engine.arch, engine.dtype)}
+    return res | {"kv_blocks": engine.block_manager.num_blocks, "preemptions": st["num_preemptions"],
+                  "kv_bytes_per_token": kv_bytes_per_token(engine.arch, engine.dtype)}
 
 
 def print_result(res: dict[str, Any], path: str | None) -> None:

@@ -62,6 +62,41 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192, fp8:
     return 2 * n ** 3 / _time(lambda: a @ b, device, 10)
 
 
+def measure_matmul_sustained(device: torch.device, dtype: torch.dtype, seconds: float = 5.0, n: int = 8192,
+                             fp8: bool = False) -> float:
+    """FLOP/s of back-to-back square matmuls after `seconds` of them: the rate the card holds under a long
+    compute-bound load. `measure_matmul` times a few milliseconds at boost clock; a large GPU at full load soon
+    reaches its power cap and lowers its clock (an H200: 1,980 MHz and ~790 TFLOP/s for a burst, ~1,470 MHz
+    and ~670 TFLOP/s after a second of matmuls), and an offline benchmark runs for tens of seconds there."""
+    if device.type != "cuda":
+        return measure_matmul(device, dtype, fp8=fp8)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if fp8:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+
+        def mm() -> None:
+            torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype)
+    else:
+        def mm() -> None:
+            a @ b
+    per_call = 2 * n ** 3 / measure_matmul(device, dtype, n, fp8)
+    batch = max(1, int(0.1 / per_call))  # launches queued ~0.1 s ahead keep the GPU busy between host checks
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for _ in range(batch):
+            mm()
+        _sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(2 * batch):
+        mm()
+    end.record()
+    end.synchronize()
+    return 2 * n ** 3 * 2 * batch / (start.elapsed_time(end) / 1e3)
+
+
 def model_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights a forward reads, as stored (FP8 projections count one byte a value); the embedding
     table is read only for the rows used, so it counts only when it is also the lm_head."""
