@@ -8,7 +8,9 @@ default group, so that several engines (tests) can come and go in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -16,6 +18,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ember.distributed import symmetric
+from ember.distributed.symmetric import SymmetricAllReduce
+
+logger = logging.getLogger(__name__)
 
 # How long a collective of the model (an all-reduce inside a forward pass) may wait for the other ranks before
 # raising (EMBER_TP_TIMEOUT_S overrides it): a stuck rank fails the engine instead of hanging it (torch's default
@@ -35,6 +42,7 @@ class TensorParallel:
     group: Any = None  # the all-reduces of the model (NCCL between GPUs, gloo on CPUs)
     control: Any = None  # gloo, between the CPUs: the driver's step inputs to the workers
     store: Any = None  # the rendezvous (rank 0 serves it): kept alive as long as the groups
+    symm: SymmetricAllReduce | None = None  # small all-reduces between GPUs (`ember.distributed.symmetric`)
 
     @property
     def enabled(self) -> bool:
@@ -48,8 +56,11 @@ class TensorParallel:
         return self.rank * k, k
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over the ranks, in place."""
+        """Sum `x` over the ranks; use the returned tensor (NCCL and gloo sum in place, the one-shot kernel of
+        small messages into a new tensor)."""
         if self.size > 1:
+            if self.symm is not None and self.symm.fits(x):
+                return self.symm.all_reduce(x)
             self.group.allreduce([x]).wait()
         return x
 
@@ -66,6 +77,8 @@ class TensorParallel:
         """Tear the model group down now, after the workers have exited and the CUDA graphs that captured its
         collectives are gone (left to the interpreter's exit, NCCL's teardown hung with graphs alive)."""
         if self.size > 1:
+            if self.symm is not None:
+                self.symm.close()
             self.group.shutdown()
 
     def agree_min(self, value: int) -> int:
@@ -110,7 +123,21 @@ def connect(rank: int, size: int, port: int, device: torch.device, store: Any = 
         group = dist.ProcessGroupNCCL(dist.PrefixStore("model", store), rank, size, options)
     else:
         group = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, size, timeout)
-    return TensorParallel(rank, size, group, control, store)
+    tp = TensorParallel(rank, size, group, control, store)
+    if device.type != "cuda" or tp.agree_min(int(symmetric.usable(device, size))) == 0:
+        return tp
+    symm = None
+    try:
+        symm = SymmetricAllReduce.create(group, control, dist.PrefixStore("symm", store), rank, size, device,
+                                         f"ember-tp-{port}")
+    except Exception:
+        logger.warning("symmetric-memory all-reduce unavailable; all-reduces stay on NCCL", exc_info=True)
+    # Every rank must take the same path, or one would wait in a kernel the others never run.
+    if tp.agree_min(int(symm is not None)) == 0:
+        if symm is not None:
+            symm.close()
+        return tp
+    return dataclasses.replace(tp, symm=symm)
 
 
 def rendezvous(size: int) -> Any:

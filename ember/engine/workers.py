@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ember.config import EngineConfig
-from ember.distributed.parallel import TensorParallel, connect, rendezvous
+from ember.distributed.parallel import MODEL_TIMEOUT_S, TensorParallel, connect, rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,30 @@ class WorkerGroup:
 
     def mark_running(self) -> None:
         self.running = True
+        if self.tp is not None and self.tp.symm is not None:
+            timeout = float(os.environ.get("EMBER_TP_TIMEOUT_S", MODEL_TIMEOUT_S))
+            threading.Thread(target=self.watch_liveness, args=(timeout,), name="ember-tp-liveness",
+                             daemon=True).start()
+
+    def watch_liveness(self, timeout_s: float, poll_s: float = 1.0) -> None:
+        """Exit this process if a worker has died and the group is still not stopped `timeout_s` later.
+
+        A step whose peer is gone never ends when its all-reduces run on symmetric memory (the kernel waits
+        for the other ranks without a timeout, where NCCL's watchdog aborts the process after the model
+        timeout); an engine that notices the death (its next send fails) stops the group before then."""
+        while not self.stopped:
+            dead = [(rank, proc.exitcode) for rank, proc in enumerate(self.procs, start=1) if not proc.is_alive()]
+            if dead:
+                deadline = time.monotonic() + timeout_s
+                while not self.stopped and time.monotonic() < deadline:
+                    time.sleep(min(poll_s, 0.5))
+                if not self.stopped:
+                    logger.critical("tensor-parallel worker %d died (exit code %s) and the engine has not stopped "
+                                    "%.0f s later: its step is waiting on the lost rank; exiting", *dead[0], timeout_s)
+                    sys.stderr.flush()
+                    os._exit(1)
+                return
+            time.sleep(poll_s)
 
     def stop(self) -> None:
         """Tell the workers to exit (or terminate them); idempotent."""
