@@ -1,0 +1,60 @@
+"""How fast bf16 matmuls run once the card has been busy a while: the burst rate `ember bench` measured before,
+the rate in short windows over a long run of back-to-back matmuls, and the 8B model's projection shapes at the
+offline steps' token counts, interleaved with the square matmul once the card is warm.
+
+    python bench/matmul_clock.py [--seconds 30]
+
+Run `nvidia-smi --query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv -lms 1000` beside
+it to see the clock and the power cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+N = 8192
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def _tflops(fn, flops: float, reps: int) -> float:  # noqa: ANN001
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return flops * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30.0)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    a = torch.randn(N, N, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(N, N, device=dev, dtype=torch.bfloat16)
+    square = 2 * N ** 3
+    _tflops(lambda: a @ b, square, 3)  # cuBLAS's first call
+    torch.cuda.synchronize()
+    time.sleep(3)  # idle again
+    print(f"burst (10 matmuls, as ember bench measures): {_tflops(lambda: a @ b, square, 10):.0f} TFLOP/s")
+    t0 = time.perf_counter()
+    windows = []
+    while time.perf_counter() - t0 < args.seconds:
+        windows.append((time.perf_counter() - t0, _tflops(lambda: a @ b, square, 100)))
+    print("back-to-back, (s, TFLOP/s) per window:", " ".join(f"{t:.1f}:{r:.0f}" for t, r in windows))
+    ws = {k: torch.randn(n, k_, device=dev, dtype=torch.bfloat16) for k, (n, k_) in SHAPES.items()}
+    for m in (4864, 5005, 5120, 8192, 16384):
+        xs = {k: torch.randn(m, w.shape[1], device=dev, dtype=torch.bfloat16) for k, w in ws.items()}
+        layer = sum(2 * m * w.shape[0] * w.shape[1] for w in ws.values())
+        rate = _tflops(lambda xs=xs: [F.linear(xs[k], w) for k, w in ws.items()], layer, 10)
+        print(f"M={m}: the four projections {rate:.0f} TFLOP/s, square right after "
+              f"{_tflops(lambda: a @ b, square, 20):.0f}")
+
+
+if __name__ == "__main__":
+    main()
