@@ -124,20 +124,39 @@ def connect(rank: int, size: int, port: int, device: torch.device, store: Any = 
     else:
         group = dist.ProcessGroupGloo(dist.PrefixStore("model", store), rank, size, timeout)
     tp = TensorParallel(rank, size, group, control, store)
-    if device.type != "cuda" or tp.agree_min(int(symmetric.usable(device, size))) == 0:
-        return tp
+    symm = _symmetric_all_reduce(tp, port, device, timeout) if device.type == "cuda" else None
+    return tp if symm is None else dataclasses.replace(tp, symm=symm)
+
+
+def _symmetric_all_reduce(tp: TensorParallel, port: int, device: torch.device,
+                          timeout: datetime.timedelta) -> SymmetricAllReduce | None:
+    """The group's one-shot all-reduce, or None to stay on NCCL. Every rank must take the same path (one waiting
+    in a kernel the others never run would hang), so the ranks agree after each step that can fail on one of
+    them; the rendezvous's own waits go through a store client bounded by the model timeout."""
+    if tp.agree_min(int(symmetric.usable(device, tp.size))) == 0:
+        return None
     symm = None
     try:
-        symm = SymmetricAllReduce.create(group, control, dist.PrefixStore("symm", store), rank, size, device,
-                                         f"ember-tp-{port}")
+        client = dist.TCPStore("127.0.0.1", port, tp.size, False, timeout=timeout)
+        symm = SymmetricAllReduce.prepare(tp.group, tp.control, dist.PrefixStore("symm", client), tp.rank,
+                                          tp.size, device, f"ember-tp-{port}")
     except Exception:
         logger.warning("symmetric-memory all-reduce unavailable; all-reduces stay on NCCL", exc_info=True)
-    # Every rank must take the same path, or one would wait in a kernel the others never run.
     if tp.agree_min(int(symm is not None)) == 0:
         if symm is not None:
             symm.close()
-        return tp
-    return dataclasses.replace(tp, symm=symm)
+        return None
+    assert symm is not None
+    try:
+        symm.rendezvous()
+        ok = True
+    except Exception:
+        logger.warning("symmetric-memory rendezvous failed; all-reduces stay on NCCL", exc_info=True)
+        ok = False
+    if tp.agree_min(int(ok)) == 0:
+        symm.close()
+        return None
+    return symm
 
 
 def rendezvous(size: int) -> Any:

@@ -50,10 +50,11 @@ class SymmetricAllReduce:
         self.buffer = buffer  # uint8; viewed as the message's dtype
 
     @classmethod
-    def create(cls, nccl: Any, gloo: Any, store: Any, rank: int, size: int, device: torch.device,
-               name: str) -> SymmetricAllReduce:
-        """Register the model group (`nccl`, with `gloo` for host tensors) as `name` and map every rank's buffer
-        into every other (a collective: all ranks call it together)."""
+    def prepare(cls, nccl: Any, gloo: Any, store: Any, rank: int, size: int, device: torch.device,
+                name: str) -> SymmetricAllReduce:
+        """Register the model group (`nccl`, with `gloo` for host tensors) as `name`, its symmetric-memory
+        exchanges going through `store`, and allocate this rank's buffer: local steps, which may fail on one rank
+        alone; `rendezvous` is the collective one, once every rank is known to have got this far."""
         import torch.distributed._symmetric_memory as symm_mem
         from torch._C._distributed_c10d import _register_process_group
 
@@ -67,17 +68,24 @@ class SymmetricAllReduce:
         group._set_group_name(name)
         _register_process_group(name, group)
         try:
-            buffer = symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=device)
-            symm_mem.rendezvous(buffer, name)
+            return cls(name, symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=device))
         except BaseException:
             cls._unregister(name)
             raise
-        return cls(name, buffer)
+
+    def rendezvous(self) -> None:
+        """Map every rank's buffer into every other (all ranks call it together; it waits for the others as long
+        as the store given to `prepare` waits)."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        symm_mem.rendezvous(self.buffer, self.name)
 
     def fits(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
+        # The kernel reads the input with the 16-byte alignment of the buffer's slot.
         return (x.dtype in _DTYPES and x.is_contiguous() and x.device == self.buffer.device
-                and 0 < nbytes <= MAX_BYTES and nbytes % 16 == 0)
+                and 0 < nbytes <= MAX_BYTES and nbytes % 16 == 0
+                and x.storage_offset() * x.element_size() % 16 == 0)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """The sum of `x` over the ranks, in a new tensor (`x` is left as it was)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -214,11 +215,18 @@ def _shut_down_tensor_parallel(workers: WorkerGroup, tp: TensorParallel, graph_r
         deadline = time.monotonic() + STEP_DRAIN_TIMEOUT_S  # a dead worker's share never comes
         while not done.query() and time.monotonic() < deadline:
             time.sleep(0.001)
+        if not done.query() and tp.symm is not None and not workers.all_alive():
+            # The one-shot all-reduce waits for a dead rank forever (NCCL's watchdog would abort the process):
+            # nothing after this could use the GPU, nor tear the group down.
+            logger.critical("a tensor-parallel worker died with a step in flight; the GPU cannot finish it: exiting")
+            sys.stderr.flush()
+            os._exit(1)
     workers.stop()
     for runner in graph_runners:
         runner.release_graphs()
     graph_runners.clear()
     tp.shutdown()
+    workers.closed = True
 
 
 def decode_graph_shape(config: EngineConfig, device: torch.device, attn: AttentionBackend,

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -49,6 +50,7 @@ class WorkerGroup:
         self.tp: TensorParallel | None = None
         self.running = False  # in their step loop: a stop message reaches them
         self.stopped = False
+        self.closed = False  # the model group torn down too (`_shut_down_tensor_parallel`)
         ctx = mp.get_context("spawn")
         self.procs: list[Any] = []
         self.conns: list[Connection] = []
@@ -94,31 +96,38 @@ class WorkerGroup:
             if kind != what:
                 raise RuntimeError(f"tensor-parallel worker {rank} failed {during}: {detail}")
 
+    def all_alive(self) -> bool:
+        return all(proc.is_alive() for proc in self.procs)
+
     def mark_running(self) -> None:
         self.running = True
         if self.tp is not None and self.tp.symm is not None:
             timeout = float(os.environ.get("EMBER_TP_TIMEOUT_S", MODEL_TIMEOUT_S))
-            threading.Thread(target=self.watch_liveness, args=(timeout,), name="ember-tp-liveness",
-                             daemon=True).start()
+            threading.Thread(target=self.watch_liveness, args=(list(self.procs), timeout),
+                             name="ember-tp-liveness", daemon=True).start()
 
-    def watch_liveness(self, timeout_s: float, poll_s: float = 1.0) -> None:
-        """Exit this process if a worker has died and the group is still not stopped `timeout_s` later.
+    def watch_liveness(self, procs: list[Any], timeout_s: float, poll_s: float = 1.0,
+                       stuck: Callable[[], bool] | None = None) -> None:
+        """Exit this process if one of `procs` (the workers) has died and, `timeout_s` later, the group is not
+        torn down and this GPU is still busy (`stuck`: default, a marker queued on it does not complete).
 
-        A step whose peer is gone never ends when its all-reduces run on symmetric memory (the kernel waits
-        for the other ranks without a timeout, where NCCL's watchdog aborts the process after the model
-        timeout); an engine that notices the death (its next send fails) stops the group before then."""
-        while not self.stopped:
-            dead = [(rank, proc.exitcode) for rank, proc in enumerate(self.procs, start=1) if not proc.is_alive()]
+        With symmetric-memory all-reduces a step whose peer is gone never ends (the kernel waits for the other
+        ranks without a timeout, where NCCL's watchdog aborts the process after the model timeout), and neither
+        does the teardown after it. A death while idle leaves the GPU free: the next step fails at once instead
+        (its send to the dead worker), and the process lives on."""
+        stuck = stuck or (lambda: _device_busy(self.device))
+        while not self.closed:
+            dead = [(rank, proc.exitcode) for rank, proc in enumerate(procs, start=1) if not proc.is_alive()]
             if dead:
                 deadline = time.monotonic() + timeout_s
-                while not self.stopped and time.monotonic() < deadline:
+                while not self.closed and time.monotonic() < deadline:
                     time.sleep(min(poll_s, 0.5))
-                if not self.stopped:
-                    logger.critical("tensor-parallel worker %d died (exit code %s) and the engine has not stopped "
-                                    "%.0f s later: its step is waiting on the lost rank; exiting", *dead[0], timeout_s)
-                    sys.stderr.flush()
-                    os._exit(1)
-                return
+                if self.closed or not stuck():
+                    return
+                logger.critical("tensor-parallel worker %d is gone (exit code %s) and this GPU is still waiting on "
+                                "it %.0f s later: exiting", *dead[0], timeout_s)
+                sys.stderr.flush()
+                os._exit(1)
             time.sleep(poll_s)
 
     def stop(self) -> None:
@@ -139,6 +148,18 @@ class WorkerGroup:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
+
+
+def _device_busy(device: torch.device, wait_s: float = 5.0) -> bool:
+    """Whether work queued on `device`'s default stream (the engine's) is still unfinished `wait_s` from now."""
+    marker = torch.cuda.Event()
+    marker.record(torch.cuda.default_stream(device))
+    deadline = time.monotonic() + wait_s
+    while not marker.query():
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _device(config: EngineConfig, rank: int) -> torch.device:

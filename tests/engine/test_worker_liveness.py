@@ -1,5 +1,6 @@
 """The driver's liveness watch (on when all-reduces run on symmetric memory, whose kernels wait without a
-timeout): a dead worker ends the process unless the engine stops the group in time."""
+timeout): a dead worker ends the process only if the GPU is still waiting on it after the model timeout and the
+group has not been torn down."""
 
 from __future__ import annotations
 
@@ -16,30 +17,40 @@ class _Exited(Exception):
     pass
 
 
-def _group(alive: bool) -> types.SimpleNamespace:
-    proc = types.SimpleNamespace(is_alive=lambda: alive, exitcode=None if alive else -9)
-    return types.SimpleNamespace(stopped=False, procs=[proc])
+def _proc(alive: bool) -> types.SimpleNamespace:
+    return types.SimpleNamespace(is_alive=lambda: alive, exitcode=None if alive else -9)
 
 
-def test_a_dead_worker_and_no_stop_exit_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def exits(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_exit(code: int) -> None:
         raise _Exited(code)
 
     monkeypatch.setattr(os, "_exit", fake_exit)
+
+
+def _watch(group: types.SimpleNamespace, procs: list, stuck: bool, timeout_s: float = 0.2) -> None:
+    WorkerGroup.watch_liveness(group, procs, timeout_s=timeout_s, poll_s=0.01, stuck=lambda: stuck)
+
+
+def test_a_dead_worker_and_a_stuck_gpu_exit_the_process(exits: None) -> None:
     with pytest.raises(_Exited) as exited:
-        WorkerGroup.watch_liveness(_group(alive=False), timeout_s=0.2, poll_s=0.01)
+        _watch(types.SimpleNamespace(closed=False), [_proc(True), _proc(False)], stuck=True)
     assert exited.value.args == (1,)
 
 
-def test_a_stop_within_the_timeout_ends_the_watch_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("exited"))
-    group = _group(alive=False)
-    threading.Timer(0.1, lambda: setattr(group, "stopped", True)).start()
-    WorkerGroup.watch_liveness(group, timeout_s=30, poll_s=0.01)
+def test_a_dead_worker_with_the_gpu_idle_leaves_the_process_alone(exits: None) -> None:
+    # Died between steps: the next step fails at once on its send; nothing is waiting on the GPU.
+    _watch(types.SimpleNamespace(closed=False), [_proc(False)], stuck=False)
 
 
-def test_live_workers_keep_the_watch_going_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "_exit", lambda code: pytest.fail("exited"))
-    group = _group(alive=True)
-    threading.Timer(0.2, lambda: setattr(group, "stopped", True)).start()
-    WorkerGroup.watch_liveness(group, timeout_s=0.01, poll_s=0.01)
+def test_a_teardown_within_the_timeout_ends_the_watch_quietly(exits: None) -> None:
+    group = types.SimpleNamespace(closed=False)
+    threading.Timer(0.1, lambda: setattr(group, "closed", True)).start()
+    _watch(group, [_proc(False)], stuck=True, timeout_s=30)
+
+
+def test_live_workers_keep_the_watch_going_until_the_teardown(exits: None) -> None:
+    group = types.SimpleNamespace(closed=False)
+    threading.Timer(0.2, lambda: setattr(group, "closed", True)).start()
+    _watch(group, [_proc(True)], stuck=True, timeout_s=0.01)
