@@ -45,9 +45,10 @@ def usable(device: torch.device, size: int) -> bool:
 class SymmetricAllReduce:
     """A registered group name and this rank's symmetric buffer of `MAX_BYTES`."""
 
-    def __init__(self, name: str, buffer: torch.Tensor) -> None:
+    def __init__(self, name: str, buffer: torch.Tensor, group: Any) -> None:
         self.name = name
         self.buffer = buffer  # uint8; viewed as the message's dtype
+        self.group = group  # torch's registry holds it weakly: without this reference the name stops resolving
 
     @classmethod
     def prepare(cls, nccl: Any, gloo: Any, store: Any, rank: int, size: int, device: torch.device,
@@ -68,7 +69,7 @@ class SymmetricAllReduce:
         group._set_group_name(name)
         _register_process_group(name, group)
         try:
-            return cls(name, symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=device))
+            return cls(name, symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=device), group)
         except BaseException:
             cls._unregister(name)
             raise
