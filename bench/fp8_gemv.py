@@ -17,34 +17,17 @@ import argparse
 import itertools
 import json
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ember.bench.profiling import capture_graph
+from ember.bench.profiling import graph_time
 from ember.bench.roofline import measure_bandwidth, projection_shapes
 from ember.config import EngineConfig
 from ember.kernels.fp8_gemv import GemvConfig, default_config, fp8_gemv
 from ember.model.config import ModelArchConfig
 from ember.model.fp8 import quantize_activations, quantize_rows
 from ember.model.loader import resolve_model
-
-
-def _graph_time(fn: Callable[[], None], reps: int = 10) -> float:
-    """Seconds per replay of a graph that calls fn once (median of `reps`)."""
-    g = capture_graph(fn)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _sweep_configs() -> list[GemvConfig]:
@@ -98,10 +81,10 @@ def main() -> None:
                 for w in wbf:
                     F.linear(x, w)
 
-            t_gemv = _graph_time(lambda: run_gemv(None)) / copies if m == 1 else float("nan")
-            t_scaled = _graph_time(run_scaled) / copies
-            t_bf16 = _graph_time(run_bf16) / len(wbf)
-            t_tensorwise = _graph_time(run_tensorwise) / copies
+            t_gemv = graph_time(lambda: run_gemv(None)) / copies if m == 1 else float("nan")
+            t_scaled = graph_time(run_scaled) / copies
+            t_bf16 = graph_time(run_bf16) / len(wbf)
+            t_tensorwise = graph_time(run_tensorwise) / copies
             row = {"name": name, "n": n, "k": k, "m": m, "gemv_us": t_gemv * 1e6, "scaled_mm_us": t_scaled * 1e6,
                    "bf16_us": t_bf16 * 1e6, "tensorwise_mm_us": t_tensorwise * 1e6,
                    "default": str(default_config(n, k)) if m == 1 else None}
@@ -112,7 +95,7 @@ def main() -> None:
                 timed = []
                 for c in _sweep_configs():
                     try:
-                        timed.append((_graph_time(lambda c=c: run_gemv(c), reps=5) / copies, c))
+                        timed.append((graph_time(lambda c=c: run_gemv(c), reps=5) / copies, c))
                     except Exception as e:  # a shape the compiler refuses (registers, shared memory)
                         print(f"   skip {c}: {type(e).__name__}")
                 timed.sort(key=lambda tc: tc[0])
@@ -149,7 +132,7 @@ def main() -> None:
         row = {"m": m, "fp8_bytes": total_bytes}
         line = f"forward projections m={m} [{total_bytes / 1e9:.2f} GB in FP8]:"
         for kind in ("bf16", "scaled_mm", "gemv" if m == 1 else "tensorwise"):
-            t = _graph_time(lambda kind=kind: forward(kind))
+            t = graph_time(lambda kind=kind: forward(kind))
             row[f"{kind}_us"] = t * 1e6
             line += f"  {kind} {t * 1e6:6.0f} us"
         print(line, flush=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ember.bench.profiling import capture_graph
+from ember.bench.profiling import graph_time
 from ember.bench.roofline import measure_bandwidth, projection_shapes
 from ember.config import EngineConfig
 from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
@@ -84,22 +84,6 @@ def prefetch_l2(t: torch.Tensor, max_bytes: int | None = None) -> None:
     grid = (triton.cdiv(nbytes, chunk * THREADS),)
     _prefetch_l2_kernel[grid](t, nbytes, chunk, THREADS=THREADS, num_warps=1,
                               **pdl_launch_args(t.device))
-
-
-def graph_time(fn, reps: int = 10) -> float:  # noqa: ANN001
-    """Seconds per replay of a graph of one call of fn (median of `reps`)."""
-    g = capture_graph(fn)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _cycles_per_us() -> float:

@@ -48,3 +48,19 @@ def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+def graph_time(fn: Callable[[], object], reps: int = 10) -> float:
+    """Seconds per replay of a CUDA graph of one call of `fn` (median of `reps`, device events)."""
+    g = capture_graph(fn)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
