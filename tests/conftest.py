@@ -83,14 +83,30 @@ class TinyCheckpoints:
         return {n: (torch.randn(s, generator=g) * (std if len(s) > 1 else 1.0)).to(dtype or torch.float32)
                 for n, s in shapes.items()}
 
-    def write(self, d: Any, weights: dict[str, Any], shards: int = 2) -> Any:
-        """`weights` saved round-robin into `shards` safetensors files beside the config; returns `d`."""
+    def write(self, d: Any, weights: dict[str, Any], shards: int = 2, tokenizer: bool = False) -> Any:
+        """`weights` saved round-robin into `shards` safetensors files beside the config; returns `d`.
+
+        `tokenizer`: also a word-level tokenizer with one token `<tN>` per id, so that the checkpoint loads
+        without the embedded model's (a GPU machine may not have that package; token ids are what tests compare).
+        """
         import json
 
         from safetensors.torch import save_file
 
         d.mkdir(parents=True, exist_ok=True)
         (d / "config.json").write_text(json.dumps(self.config))
+        if tokenizer:
+            from tokenizers import Tokenizer, models, pre_tokenizers
+
+            vocab = {f"<t{i}>": i for i in range(self.config["vocab_size"])}
+            tok = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+            tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+            tok.save(str(d / "tokenizer.json"))
+            c = self.config
+            special = {"bos_token": f"<t{c['bos_token_id']}>", "eos_token": f"<t{c['eos_token_id']}>",
+                       "unk_token": "<t0>"}
+            (d / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", **special}))
         names = sorted(weights)
         for i in range(shards):
             save_file({n: weights[n] for n in names[i::shards]},

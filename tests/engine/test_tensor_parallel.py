@@ -22,7 +22,9 @@ from ember.engine.llm_engine import LLMEngine
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints) -> Path:
     # Large enough weights that greedy choices are not near-ties the order of a sum could flip.
-    return tiny_checkpoints.write(tmp_path_factory.mktemp("tiny-tp"), tiny_checkpoints.weights(std=0.15))
+    # Its own tokenizer: the GPU cases then run on machines without the embedded model's package.
+    return tiny_checkpoints.write(tmp_path_factory.mktemp("tiny-tp"), tiny_checkpoints.weights(std=0.15),
+                                  tokenizer=True)
 
 
 # Short prompts and one that prefills in several chunks (max_num_batched_tokens=64) beside the others' decodes.
