@@ -6,6 +6,7 @@ Both rates are measured on the device in the same run as the benchmark (datashee
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,18 +49,22 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / _time(lambda: dst.copy_(src), device, 10)
 
 
+def _square_matmul(device: torch.device, dtype: torch.dtype, n: int, fp8: bool) -> Callable[[], object]:
+    """One n x n x n product on random data (`fp8`: of FP8 operands, as `--quantization fp8` runs)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    if not fp8:
+        return lambda: a @ b
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    return lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype)
+
+
 def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192, fp8: bool = False) -> float:
     """FLOP/s of a large square matmul on random data (`fp8`: of FP8 operands, as `--quantization fp8` runs)."""
     if device.type != "cuda":
         n = 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    if fp8:
-        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
-        one = torch.ones((), device=device)
-        return 2 * n ** 3 / _time(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype),
-                                  device, 10)
-    return 2 * n ** 3 / _time(lambda: a @ b, device, 10)
+    return 2 * n ** 3 / _time(_square_matmul(device, dtype, n, fp8), device, 10)
 
 
 def measure_matmul_sustained(device: torch.device, dtype: torch.dtype, seconds: float = 5.0, n: int = 8192,
@@ -70,19 +75,8 @@ def measure_matmul_sustained(device: torch.device, dtype: torch.dtype, seconds: 
     and ~670 TFLOP/s after a second of matmuls), and an offline benchmark runs for tens of seconds there."""
     if device.type != "cuda":
         return measure_matmul(device, dtype, fp8=fp8)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    if fp8:
-        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
-        one = torch.ones((), device=device)
-
-        def mm() -> None:
-            torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=dtype)
-    else:
-        def mm() -> None:
-            a @ b
-    per_call = 2 * n ** 3 / measure_matmul(device, dtype, n, fp8)
-    batch = max(1, int(0.1 / per_call))  # launches queued ~0.1 s ahead keep the GPU busy between host checks
+    mm = _square_matmul(device, dtype, n, fp8)
+    batch = max(1, int(0.1 / _time(mm, device, 3)))  # ~0.1 s queued ahead keeps the GPU busy between host checks
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         for _ in range(batch):
