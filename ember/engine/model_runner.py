@@ -159,15 +159,20 @@ class ModelRunner:
                 share_tokens: bool = False) -> StepInputs:
         """`share_tokens`: the sampled tokens will be broadcast to the workers (async scheduling)."""
         batch, sample_seqs, prompt_lp = self._pack(sched)
-        where = PendingInputs.locate(sched.scheduled, prev)
-        self._send_to_workers(batch, where, len(sample_seqs) if share_tokens else 0, prev)
+        pending = self._start(batch, sched.scheduled, prev, len(sample_seqs) if share_tokens else 0)
         inp = self.device_inputs(batch)
-        # Inputs still on the device (sampled by `prev`, not read back).
-        pending = None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
         if pending is not None:
             pending.apply(inp.input_ids)
         inp.sample_seqs, inp.prompt_lp = sample_seqs, prompt_lp
         return inp
+
+    def _start(self, batch: HostBatch | DecodeBatch, items: list[ScheduledSeq], prev: InflightStep | None,
+               shared_tokens: int) -> PendingInputs | None:
+        """Send the workers this step, if there are any; returns the step's inputs still on the device (sampled
+        by `prev`, not read back), which the caller places after the host's."""
+        where = PendingInputs.locate(items, prev)
+        self._send_to_workers(batch, where, shared_tokens, prev)
+        return None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
 
     def _send_to_workers(self, batch: HostBatch | DecodeBatch, where: tuple[list[int], list[int]] | None,
                          shared_tokens: int, prev: InflightStep | None) -> None:
@@ -279,10 +284,7 @@ class ModelRunner:
         batch = DecodeBatch([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
                             pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
                             [p + 1 for p in pos], [s.block_table for s in seqs])
-        where = PendingInputs.locate(items, prev)
-        self._send_to_workers(batch, where, len(seqs) if share_tokens else 0, prev)
-        pending = None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
-        return g.run(batch, pending)
+        return g.run(batch, self._start(batch, items, prev, len(seqs) if share_tokens else 0))
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         """Where a step's tokens land on the host: two pinned buffers in turn (at most one step is in flight
