@@ -22,7 +22,7 @@ from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes
 from ember.engine.model_runner import InflightStep, ModelRunner, StepResult
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
-from ember.engine.workers import WorkerGroup
+from ember.engine.workers import WorkerGroup, drained
 from ember.kernels.startup import prepare_triton_in_background
 from ember.model.config import ModelArchConfig
 from ember.model.llama import LlamaForCausalLM
@@ -210,12 +210,9 @@ def _shut_down_tensor_parallel(workers: WorkerGroup, tp: TensorParallel, graph_r
     queued (async scheduling) runs to its end first: workers leave at once on the stop message, and the driver's
     all-reduces of that step wait for theirs."""
     if workers.device.type == "cuda":
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(workers.device))
-        deadline = time.monotonic() + STEP_DRAIN_TIMEOUT_S  # a dead worker's share never comes
-        while not done.query() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if not done.query() and tp.symm is not None and not workers.all_alive():
+        # Bounded: a dead worker's share never comes.
+        finished = drained(torch.cuda.current_stream(workers.device), STEP_DRAIN_TIMEOUT_S, 0.001)
+        if not finished and tp.symm is not None and not workers.all_alive():
             # The one-shot all-reduce waits for a dead rank forever (NCCL's watchdog would abort the process):
             # nothing after this could use the GPU, nor tear the group down.
             logger.critical("a tensor-parallel worker died with a step in flight; the GPU cannot finish it: exiting")

@@ -109,13 +109,13 @@ class WorkerGroup:
     def watch_liveness(self, procs: list[Any], timeout_s: float, poll_s: float = 1.0,
                        stuck: Callable[[], bool] | None = None) -> None:
         """Exit this process if one of `procs` (the workers) has died and, `timeout_s` later, the group is not
-        torn down and this GPU is still busy (`stuck`: default, a marker queued on it does not complete).
+        torn down and this GPU is still busy (`stuck`: default, the engine's stream does not drain in 5 s).
 
         With symmetric-memory all-reduces a step whose peer is gone never ends (the kernel waits for the other
         ranks without a timeout, where NCCL's watchdog aborts the process after the model timeout), and neither
         does the teardown after it. A death while idle leaves the GPU free: the next step fails at once instead
         (its send to the dead worker), and the process lives on."""
-        stuck = stuck or (lambda: _device_busy(self.device))
+        stuck = stuck or (lambda: not drained(torch.cuda.default_stream(self.device), 5.0, 0.05))
         while not self.closed:
             dead = [(rank, proc.exitcode) for rank, proc in enumerate(procs, start=1) if not proc.is_alive()]
             if dead:
@@ -150,16 +150,17 @@ class WorkerGroup:
         self.procs, self.conns = [], []
 
 
-def _device_busy(device: torch.device, wait_s: float = 5.0) -> bool:
-    """Whether work queued on `device`'s default stream (the engine's) is still unfinished `wait_s` from now."""
+def drained(stream: torch.cuda.Stream, timeout_s: float, poll_s: float) -> bool:
+    """Whether the work queued on `stream` so far finishes within `timeout_s` (polled: a wait that may never end,
+    on a rank that is gone, must stay bounded)."""
     marker = torch.cuda.Event()
-    marker.record(torch.cuda.default_stream(device))
-    deadline = time.monotonic() + wait_s
+    marker.record(stream)
+    deadline = time.monotonic() + timeout_s
     while not marker.query():
         if time.monotonic() > deadline:
-            return True
-        time.sleep(0.05)
-    return False
+            return False
+        time.sleep(poll_s)
+    return True
 
 
 def _device(config: EngineConfig, rank: int) -> torch.device:
