@@ -190,6 +190,13 @@ def _free_socket() -> socket.socket:
     return sock
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A port of 127.0.0.1 that was free a moment ago (for a process that binds it itself)."""
+    with _free_socket() as sock:
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="session")
 def live_server() -> Iterator[LiveServer]:
     from ember.cli import build_parser, engine_config_from_args, server_config_from_args

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
@@ -50,10 +49,8 @@ def _rank_main(rank: int, port: int, scenario: str, results: mp.Queue) -> None:
     ("prepare_fails_on_1", {0: (False, [True]), 1: (False, [])}),
     ("rendezvous_fails_on_0", {0: (False, [True]), 1: (False, [True])}),
 ])
-def test_every_rank_takes_the_same_path(scenario: str, expect: dict) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_every_rank_takes_the_same_path(scenario: str, expect: dict, free_port: int) -> None:
+    port = free_port
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, port, scenario, results), daemon=True) for r in range(2)]

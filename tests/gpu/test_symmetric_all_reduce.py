@@ -4,7 +4,6 @@ larger ones fall back to NCCL. Needs two GPUs that can map each other's memory."
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
@@ -60,10 +59,8 @@ def _rank_main(rank: int, port: int, errors: mp.Queue) -> None:
         raise
 
 
-def test_one_shot_all_reduce_matches_nccl() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_one_shot_all_reduce_matches_nccl(free_port: int) -> None:
+    port = free_port
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, port, errors)) for r in range(2)]

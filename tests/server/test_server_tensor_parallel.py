@@ -4,7 +4,6 @@ openai SDK exactly as the one-process server does, and a SIGTERM stops it and it
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,10 @@ import openai
 from ember.config import EMBEDDED_MODEL
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_three_ranks_serve_what_one_serves(client: openai.OpenAI) -> None:
+def test_three_ranks_serve_what_one_serves(client: openai.OpenAI, free_port: int) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     one = client.chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=16, temperature=0)
-    port = _free_port()
+    port = free_port
     proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "--port", str(port), "--device", "cpu",
                              "--tensor-parallel-size", "3", "--max-model-len", "512", "--kv-cache-memory-bytes",
                              "16MiB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
