@@ -12,12 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
+from ember.kernels.pdl import pdl_release_early, pdl_release_late, pdl_small_kernel_args, pdl_wait
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, stride_x, stride_r, stride_o,
-                     stride_ro, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                     stride_ro, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+                     RELEASE_EARLY: tl.constexpr):
+    pdl_release_early(USE_PDL, RELEASE_EARLY)
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -27,7 +29,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, stride
     if HAS_RES:
         # The sum is rounded to the activation dtype, as the reference adds in that dtype.
         x = x + tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
-    pdl_release(USE_PDL)
+    pdl_release_late(USE_PDL, RELEASE_EARLY)
     if HAS_RES:
         tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
@@ -48,12 +50,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         _rms_norm_kernel[(n_rows,)](x, res, weight, out, res_out, n_cols, x.stride(0), res.stride(0),
                                     out.stride(0), res_out.stride(0), eps, HAS_RES=residual is not None,
                                     BLOCK=block, num_warps=8 if block >= 4096 else 4,
-                                    **pdl_launch_args(x.device))
+                                    **pdl_small_kernel_args(x.device, n_rows))
     return out if residual is None else (out, res_out)
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+                     RELEASE_EARLY: tl.constexpr):
+    pdl_release_early(USE_PDL, RELEASE_EARLY)
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -61,7 +65,7 @@ def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.const
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
     silu = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-    pdl_release(USE_PDL)
+    pdl_release_late(USE_PDL, RELEASE_EARLY)
     tl.store(out_ptr + row * stride_o + cols, silu * u, mask=mask)
 
 
@@ -71,8 +75,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = width // 2
     out = torch.empty(n_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
+    programs = n_rows * triton.cdiv(inter, block)
     if n_rows:
         _silu_mul_kernel[(n_rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
                                                               out.stride(0), BLOCK=block,
-                                                              **pdl_launch_args(out.device))
+                                                              **pdl_small_kernel_args(out.device, programs))
     return out

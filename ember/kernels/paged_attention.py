@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
+from ember.kernels.pdl import (
+    pdl_launch_args,
+    pdl_release,
+    pdl_release_early,
+    pdl_release_late,
+    pdl_small_kernel_args,
+    pdl_wait,
+)
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
@@ -207,8 +214,9 @@ def _split_kv_decode_kernel(
     stride_ps, stride_ph, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
 ):
+    pdl_release_early(USE_PDL, RELEASE_EARLY)
     pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -248,7 +256,7 @@ def _split_kv_decode_kernel(
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
         True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
 
-    pdl_release(USE_PDL)
+    pdl_release_late(USE_PDL, RELEASE_EARLY)
     if active <= 1:
         # The whole context is this segment: the result is final. l_i is 0 only for an empty context.
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -408,7 +416,8 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=max(16, triton.next_power_of_2(group)), SPLITS_P=triton.next_power_of_2(num_splits),
         TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch_args(q.device),
+        num_warps=num_warps, num_stages=num_stages,
+        **pdl_small_kernel_args(q.device, num_seqs * num_kv_heads * num_splits),
     )
     return out
 

@@ -8,6 +8,10 @@ waiting blocks do not take SM slots from this one's remaining work); they start 
 (`pdl_wait`) until it has completed and its writes are visible. What is saved is the launch and ramp-up gap
 between two kernels.
 
+Short kernels of a single wave (`pdl_small_kernel_args`) release their dependents as they start instead: all
+their programs are resident at once, so the next kernel's programs take only SM slots nobody else is waiting
+for, and a product after them (`ember/kernels/gemv.py`) can start fetching its weights while they run.
+
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
 still reading).
@@ -25,6 +29,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # `EMBER_PDL=0` launches every kernel the ordinary way: the baseline when measuring what PDL saves.
 PDL_ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
+# `EMBER_PDL_EARLY=0`: short kernels release their dependents after their last loads, as the others do.
+EARLY_RELEASE = os.environ.get("EMBER_PDL_EARLY", "1") != "0"
 
 
 @functools.cache
@@ -45,6 +51,19 @@ def pdl_launch_args(device: torch.device) -> dict[str, bool]:
     return {"USE_PDL": pdl, "launch_pdl": pdl}
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pdl_small_kernel_args(device: torch.device, programs: int) -> dict[str, bool]:
+    """`pdl_launch_args` of a kernel that also takes `RELEASE_EARLY`: true where its `programs` fit one wave."""
+    pdl = use_pdl(device)
+    early = pdl and EARLY_RELEASE and programs <= _sm_count(
+        device.index if device.index is not None else torch.cuda.current_device())
+    return {"USE_PDL": pdl, "launch_pdl": pdl, "RELEASE_EARLY": early}
+
+
 @triton.jit
 def pdl_wait(USE_PDL: tl.constexpr):
     """Wait until the kernel before this one has completed and its writes are visible."""
@@ -57,3 +76,19 @@ def pdl_release(USE_PDL: tl.constexpr):
     """Let the next kernel launch once every block of this one has got here."""
     if USE_PDL:
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release_early(USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr):
+    """At the start of a short kernel: release the next one now if it runs in one wave."""
+    if USE_PDL:
+        if RELEASE_EARLY:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release_late(USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr):
+    """After a short kernel's last loads: release the next one unless `pdl_release_early` did."""
+    if USE_PDL:
+        if not RELEASE_EARLY:
+            gdc_launch_dependents()

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
+from ember.kernels.pdl import pdl_release_early, pdl_release_late, pdl_small_kernel_args, pdl_wait
 
 
 @triton.jit
@@ -25,10 +25,11 @@ def _store_kv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_c,
     BLOCK_SIZE: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, GROUP_P: tl.constexpr,
-    ROTARY: tl.constexpr, USE_PDL: tl.constexpr,
+    ROTARY: tl.constexpr, USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
 ):
     # Program (token, KV head): that head's k and v rows and, with ROTARY, its group of query heads. Each row is
     # handled as its two halves, the pairs that neox rotary mixes.
+    pdl_release_early(USE_PDL, RELEASE_EARLY)
     pdl_wait(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -56,7 +57,7 @@ def _store_kv_kernel(
     v_row = v_ptr + token * stride_vt + kv_head * stride_vh + d
     v1 = tl.load(v_row, mask=d_mask)
     v2 = tl.load(v_row + HALF, mask=d_mask)
-    pdl_release(USE_PDL)
+    pdl_release_late(USE_PDL, RELEASE_EARLY)
     # A negative slot is a padding token (e.g. a CUDA-graph batch padded to its captured size): nothing to store.
     store_mask = d_mask & (slot >= 0)
     block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
@@ -111,5 +112,5 @@ def _launch(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, k_cache: t
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos_cache.stride(0),
         BLOCK_SIZE=k_cache.shape[1], HALF=half, HALF_P=triton.next_power_of_2(half), GROUP_P=group_p,
         ROTARY=rotary, num_warps=min(4, max(1, group_p * triton.next_power_of_2(half) // 256)),
-        **pdl_launch_args(k.device),
+        **pdl_small_kernel_args(k.device, num_tokens * num_kv_heads),
     )
