@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel import TensorParallel
+from ember.model.linear import Linear
 
 
 def _fused_ops(x: torch.Tensor):  # noqa: ANN202
@@ -142,8 +143,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.tp = tp or TensorParallel()
         self.intermediate = intermediate
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.down_proj(silu_mul(self.gate_up_proj(x))))

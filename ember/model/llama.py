@@ -9,6 +9,7 @@ from ember.attention import AttentionBackend, AttentionMetadata
 from ember.distributed.parallel import TensorParallel
 from ember.model.config import ModelArchConfig
 from ember.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from ember.model.linear import Linear
 
 
 class LlamaAttention(nn.Module):
@@ -24,8 +25,8 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         # q, k and v share one matmul: one read of the activations, one launch.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, after_attention=True)
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -84,7 +85,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.tp = tp or TensorParallel()
         self.model = LlamaModel(cfg, max_positions, self.tp)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

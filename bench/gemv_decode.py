@@ -1,0 +1,215 @@
+"""Batch-1 products through ember's GEMV (`ember/kernels/gemv.py`: weights prefetched into L2 while the short
+kernels ahead run) against cuBLAS, on a GPU.
+
+    python bench/gemv_decode.py [--model llama-3.1-8b-instruct] [--tokenizer DIR] [--sweep] [--engine] [--json F]
+
+Products: each projection of a whole forward pass (32 layers, each its own weight, M = 1) as one CUDA graph per
+shape, and all of them with the lm_head in one graph: cuBLAS (`F.linear`) against the GEMV without a prefetch
+(nothing runs ahead of it here, so a prefetch has nothing to overlap). `--sweep` times a grid of launch shapes per
+projection and prints the fastest. `--engine`: whole decode steps of the engine at batch 1 (context ~160), the
+decode graphs re-captured for each variant (cuBLAS; GEMV with 0 to 8 MB prefetched, more for o_proj; short
+kernels releasing late), two alternating rounds, beside the HBM roofline measured now; the logits of one replay of each
+variant are compared with cuBLAS's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ember.kernels.gemv as gemv_mod
+import ember.kernels.pdl as pdl_mod
+from ember.bench.offline import random_prompts
+from ember.bench.profiling import graph_time
+from ember.bench.roofline import measure_bandwidth, model_weight_bytes, projection_shapes
+from ember.config import EngineConfig
+from ember.engine.llm_engine import LLMEngine, decode_graph_shape
+from ember.kernels.gemv import GemvConfig, default_config, gemv
+from ember.model.config import ModelArchConfig
+from ember.model.loader import resolve_model
+from ember.sampling_params import SamplingParams
+
+MB = 1 << 20
+
+
+def _sweep_configs(k: int) -> list[GemvConfig]:
+    return [GemvConfig(bn, bk, warps, stages)
+            for bn, bk, warps, stages in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8), (4,))
+            if bn * bk <= 8192 and bk <= k]
+
+
+def products(args: argparse.Namespace, results: dict) -> None:
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    arch = ModelArchConfig.from_hf(resolve_model(EngineConfig(model=args.model, load_format="dummy")).hf_config)
+    shapes = dict(projection_shapes(arch), lm_head=(arch.vocab_size, arch.hidden_size))
+    layers = arch.num_hidden_layers
+    ws = {name: [torch.randn(n, k, device=dev, dtype=dtype) / k ** 0.5 for _ in range(1 if name == "lm_head"
+                                                                                    else layers)]
+          for name, (n, k) in shapes.items()}
+    xs = {name: torch.randn(1, k, device=dev, dtype=dtype) for name, (n, k) in shapes.items()}
+    copy_bw = measure_bandwidth(dev)
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e9:,.0f} GB/s")
+    results["products"] = {"copy_gb_s": copy_bw / 1e9}
+    for name, wl in ws.items():  # the two agree before anything is timed
+        ref, got = F.linear(xs[name], wl[0]).float(), gemv(xs[name], wl[0], prefetch_bytes=0).float()
+        err = (ref - got).abs().max().item()
+        assert err <= 2e-2 * ref.abs().max().item() + 1e-3, (name, err)
+
+    def chain(name: str, cfg: GemvConfig | None) -> float:
+        x = xs[name]
+        if cfg is None:
+            return graph_time(lambda: [F.linear(x, w) for w in ws[name]])
+        return graph_time(lambda: [gemv(x, w, config=cfg, prefetch_bytes=0) for w in ws[name]])
+
+    best: dict[str, GemvConfig] = {}
+    for name, (n, k) in shapes.items():
+        nbytes = sum(w.numel() * w.element_size() for w in ws[name])
+        t_cublas = chain(name, None)
+        cfg0 = default_config(n, k)
+        t_gemv = chain(name, cfg0)
+        row = {"cublas_us": t_cublas * 1e6, "gemv_us": t_gemv * 1e6, "default": cfg0.__dict__,
+               "cublas_gb_s": nbytes / t_cublas / 1e9, "gemv_gb_s": nbytes / t_gemv / 1e9}
+        best[name] = cfg0
+        if args.sweep:
+            sweep = {c: chain(name, c) for c in _sweep_configs(k)}
+            top = min(sweep, key=sweep.__getitem__)
+            best[name] = top if sweep[top] < t_gemv else cfg0
+            row["best"], row["best_us"] = top.__dict__, sweep[top] * 1e6
+            row["sweep"] = sorted(([c.block_n, c.block_k, c.num_warps, c.num_stages, round(t * 1e6, 1)]
+                                   for c, t in sweep.items()), key=lambda r: r[-1])[:8]
+        print(f"{name:13s} x{len(ws[name])}: cuBLAS {t_cublas * 1e6:8.1f} us ({row['cublas_gb_s']:,.0f} GB/s)  "
+              f"GEMV {t_gemv * 1e6:8.1f} us ({row['gemv_gb_s']:,.0f} GB/s)"
+              + (f"  best {best[name]} {row['best_us']:.1f} us" if args.sweep else ""))
+        results["products"][name] = row
+
+    def forward(use_gemv: bool, cfgs: dict[str, GemvConfig]) -> None:
+        for layer in range(layers):
+            for name in projection_shapes(arch):
+                w = ws[name][layer]
+                gemv(xs[name], w, config=cfgs[name], prefetch_bytes=0) if use_gemv else F.linear(xs[name], w)
+        w = ws["lm_head"][0]
+        gemv(xs["lm_head"], w, config=cfgs["lm_head"], prefetch_bytes=0) if use_gemv else F.linear(xs["lm_head"], w)
+
+    defaults = {name: default_config(n, k) for name, (n, k) in shapes.items()}
+    fw = {"cublas": graph_time(lambda: forward(False, defaults)), "gemv": graph_time(lambda: forward(True, defaults))}
+    if args.sweep:
+        fw["gemv_best"] = graph_time(lambda: forward(True, best))
+    total = sum(w.numel() * w.element_size() for wl in ws.values() for w in wl)
+    for label, t in fw.items():
+        print(f"forward's products, {label:10s} {t * 1e6:8.1f} us ({total / t / 1e9:,.0f} GB/s; "
+              f"{total / copy_bw / t * 100:.1f} % of the copy rate)")
+    results["products"]["forward_us"] = {k: v * 1e6 for k, v in fw.items()}
+    ws.clear()
+    torch.cuda.empty_cache()
+
+
+VARIANTS = {  # (GEMV on, MB prefetched, MB prefetched after attention, short kernels release early)
+    "cublas": (False, 0, 0, True),
+    "gemv": (True, 0, 0, True),
+    "gemv_pf4": (True, 4, 4, True),
+    "gemv_pf8": (True, 8, 8, True),
+    "gemv_pf8_o16": (True, 8, 16, True),
+    "gemv_pf8_o32": (True, 8, 32, True),
+    "gemv_pf4_o24": (True, 4, 24, True),
+    "gemv_pf8_late": (True, 8, 8, False),
+}
+
+
+def _set(variant: str) -> None:
+    on, mb, o_mb, early = VARIANTS[variant]
+    gemv_mod.ENABLED, pdl_mod.EARLY_RELEASE = on, early
+    gemv_mod.PREFETCH_BYTES, gemv_mod.AFTER_ATTENTION_PREFETCH_BYTES = mb * MB, o_mb * MB
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
+    for _ in range(3):
+        graph.replay()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def engine(args: argparse.Namespace, results: dict) -> None:
+    cfg = EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
+                       max_num_seqs=8)
+    eng = LLMEngine(cfg)
+    (prompt,) = random_prompts(1, 32, eng.arch.vocab_size)
+    eng.add_request("r", None, prompt, SamplingParams(max_tokens=4000, ignore_eos=True))
+    for _ in range(128):
+        eng.step()
+    shape = decode_graph_shape(cfg, eng.device, eng.runner.attn, eng.max_model_len)
+    assert shape is not None
+
+    def recapture(variant: str) -> None:
+        _set(variant)
+        eng.runner.release_graphs()
+        eng.runner.enable_cuda_graphs(*shape)
+
+    # Logits of one replay per variant on the same inputs (a replay rewrites the same KV slot with the same values).
+    logits = {}
+    for v in VARIANTS:
+        recapture(v)
+        eng.runner.graphs.graphs[1].replay()
+        logits[v] = eng.runner.graphs.outputs[1][0].float().clone()
+    ref = logits["cublas"]
+    agree = {v: {"max_abs_diff": (lg - ref).abs().max().item(), "argmax_equal": bool(lg.argmax() == ref.argmax())}
+             for v, lg in logits.items()}
+    print("logits vs cuBLAS:", agree)
+
+    copy_bw = measure_bandwidth(eng.device)
+    wbytes = model_weight_bytes(eng.model)
+    roof_ms = wbytes / copy_bw * 1e3
+    print(f"copy {copy_bw / 1e9:,.0f} GB/s, weights {wbytes / 1e9:.2f} GB: roofline {roof_ms:.3f} ms a step")
+    timings: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    for _ in range(2):
+        for v in VARIANTS:
+            recapture(v)
+            for _ in range(20):
+                eng.step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                eng.step()
+            torch.cuda.synchronize()
+            step_ms = (time.perf_counter() - t) / args.steps * 1e3
+            replay_ms = _replay_ms(eng.runner.graphs.graphs[1])
+            timings[v].append({"step_ms": step_ms, "replay_ms": replay_ms})
+            print(f"{v:15s} step {step_ms:.3f} ms ({roof_ms / step_ms * 100:.1f} % of the roofline), "
+                  f"graph replay {replay_ms:.3f} ms")
+    results["engine"] = {"copy_gb_s": copy_bw / 1e9, "weight_bytes": wbytes, "roofline_ms": roof_ms,
+                         "logits_vs_cublas": agree, "timings": timings}
+    eng.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.1-8b-instruct")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--engine", action="store_true")
+    ap.add_argument("--no-products", action="store_true")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if not args.no_products:
+        products(args, results)
+    if args.engine:
+        engine(args, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Matrix-vector product for batch-1 decode with 16-bit weights: `x @ W.T (+ bias)` for one row x. Torch twin:
+`torch.nn.functional.linear`.
+
+A batch-1 step reads every weight once and runs ~5 short kernels a layer between its four products (RMSNorm,
+rotary + KV store, attention, SiLU·mul) during which the memory is nearly idle: ~0.5 ms of an 8B model's
+~4.4 ms step on an H200. cuBLAS's products cannot start reading before the kernel ahead of them has finished.
+This one is launched early (programmatic dependent launch, `ember/kernels/pdl.py`), and before it waits for the
+kernel ahead, each of its first programs asks L2 to fetch its rows of W (Hopper's `cp.async.bulk.prefetch.L2`,
+fire-and-forget) and loads its first tile: weights are never written while a model serves, so these reads are
+safe that early, and the memory works through the short kernels instead of waiting for them. The short kernels
+release their dependents when they start (`pdl_small_kernel_args`), so a product's programs are resident, and
+prefetching, while the kernels ahead of it still run.
+
+`PREFETCH_BYTES` caps how much of each weight is prefetched: L2 (50 MB on an H100/H200) must hold it until the
+product reads it. `EMBER_GEMV=0` sends every product to cuBLAS (the baseline when measuring this kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait, use_pdl
+
+ENABLED = os.environ.get("EMBER_GEMV", "1") != "0"
+PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "8")) * (1 << 20))
+# A product after attention (o_proj) follows the longest gap of a layer (rotary + KV store + attention).
+AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "8")) * (1 << 20))
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 3
+
+
+@triton.jit
+def prefetch_rows_l2(w_ptr, row0, rows, row_bytes, NUM_THREADS: tl.constexpr):
+    """Ask L2 for `rows` contiguous rows of W from `row0`: one bulk request per thread (each thread holds one
+    element of a NUM_THREADS-long tensor, so no request is issued twice)."""
+    total = rows.to(tl.int64) * row_bytes
+    chunk = (total + NUM_THREADS * 16 - 1) // (NUM_THREADS * 16) * 16  # the instruction takes 16-byte multiples
+    lane = tl.arange(0, NUM_THREADS).to(tl.int64)
+    start = lane * chunk
+    size = tl.minimum(total - start, chunk).to(tl.int32)
+    base = w_ptr.to(tl.pointer_type(tl.int8)) + row0.to(tl.int64) * row_bytes
+    # Lanes past the end get size <= 0 and issue nothing.
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [base + start, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+    return tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    row0 = pid * BLOCK_N
+    if PREFETCH:
+        if pid < prefetch_programs:
+            prefetch_rows_l2(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), row_bytes, NUM_THREADS)
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    # Rows past N re-read row N-1 instead of being masked: the weight loads stay unpredicated; results dropped.
+    offs_n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + offs_n_safe[:, None] * stride_wn
+    w = _weight_tile(w_rows, offs_k, K, EVEN_K)  # does not depend on the kernel ahead: in flight during the wait
+    pdl_wait(USE_PDL)
+    # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    acc = w.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc += _weight_tile(w_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
+    pdl_release(USE_PDL)
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+def default_config(n: int, k: int) -> GemvConfig:
+    """The fastest launch shape for each of the 8B model's projections and its lm_head on an H100 (one CUDA graph
+    of 32 products with distinct weights each; `bench/gemv_decode.py --sweep`)."""
+    return GemvConfig(block_n=2, block_k=min(2048, triton.next_power_of_2(k)), num_warps=8, num_stages=4)
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` takes this kernel: one 16-bit row on a Hopper-or-later GPU, W's rows unit-strided
+    and 16-byte aligned (the bulk prefetch's requirement)."""
+    if not ENABLED or not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or weight.dim() != 2:
+        return False
+    if x.stride(1) != 1 or weight.stride(1) != 1 or (weight.stride(0) * weight.element_size()) % 16:
+        return False
+    if weight.data_ptr() % 16:
+        return False
+    return _hopper_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         config: GemvConfig | None = None, prefetch_bytes: int | None = None,
+         after_attention: bool = False) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` for x `[1, k]` and weight `[n, k]` of x's dtype (see `applies`). The bytes
+    prefetched: `AFTER_ATTENTION_PREFETCH_BYTES` for a product `after_attention`, else `PREFETCH_BYTES`;
+    `prefetch_bytes` and `config` override them and the launch shape (benchmarks)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m == 1 and weight.shape[1] == k, (x.shape, weight.shape)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    config = config or default_config(n, k)
+    if prefetch_bytes is None:
+        prefetch_bytes = AFTER_ATTENTION_PREFETCH_BYTES if after_attention else PREFETCH_BYTES
+    row_bytes = weight.stride(0) * weight.element_size()
+    prefetch_programs = prefetch_bytes // (config.block_n * row_bytes)
+    # Without PDL nothing runs ahead of the wait, so a prefetch would only duplicate the product's own loads.
+    prefetch = prefetch_programs > 0 and use_pdl(x.device)
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), row_bytes, prefetch_programs,
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        PREFETCH=prefetch, NUM_THREADS=32 * config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
+    return out

@@ -1,0 +1,26 @@
+"""The projections' Linear: `nn.Linear`, whose one-row products on a Hopper-or-later GPU go through ember's GEMV."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Linear):
+    """A batch-1 decode step's products through `ember.kernels.gemv` (it starts reading its weight while the
+    short kernels ahead of it run); every other product through `F.linear`. `after_attention`: the product
+    that follows attention, whose longer gap allows a longer prefetch."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None, *, after_attention: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.after_attention = after_attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
+            from ember.kernels import gemv
+
+            if gemv.applies(x, self.weight):
+                return gemv.gemv(x, self.weight, self.bias, after_attention=self.after_attention)
+        return F.linear(x, self.weight, self.bias)

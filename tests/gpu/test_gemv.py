@@ -1,0 +1,70 @@
+"""ember's batch-1 GEMV (`ember/kernels/gemv.py`) against `F.linear`: many shapes (odd row counts, K not a multiple
+of the tile, K below one tile), bias, both 16-bit dtypes, with and without the L2 prefetch; and `Linear` sends
+one-row products to it on a GPU and every other product to `F.linear`. On the CPU the small cases run through
+Triton's interpreter (tests/attention/test_kernels_interpreted.py), in fp16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember.kernels import gemv as gemv_mod
+from ember.kernels.gemv import GemvConfig, gemv
+from ember.model.linear import Linear
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def _inputs(n: int, k: int, dtype: torch.dtype, bias: bool, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(6144, 4096, False), (37, 4096, True), (1, 64, False), (130, 1000, True),
+                                      (4096, 14336, False), (9, 2056, False)])
+@pytest.mark.parametrize("prefetch", [0, 1 << 20])
+def test_gemv_matches_linear(dtype: torch.dtype, n: int, k: int, bias: bool, prefetch: int) -> None:
+    if DEVICE == "cpu" and n * k > 1 << 20:
+        pytest.skip("large shapes run compiled on a GPU; the interpreter is slow")
+    x, w, b = _inputs(n, k, dtype, bias, n + k)
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    got = gemv(x, w, b, prefetch_bytes=prefetch)
+    assert got.shape == (1, n) and got.dtype == dtype
+    # fp32 sums over K in a different order than the reference, then one 16-bit rounding.
+    tol = 1e-2 * want.abs().max().item() + 1e-3
+    assert (got.float() - want).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("config", [GemvConfig(1, 512, 4), GemvConfig(8, 1024, 8, 3), GemvConfig(2, 2048, 4, 4)])
+def test_gemv_launch_shapes_agree(config: GemvConfig) -> None:
+    """Every launch shape the benchmark sweeps computes the same product, rows past N and the K tail included."""
+    n, k = (45, 1000) if DEVICE == "cpu" else (1027, 4100)
+    x, w, _ = _inputs(n, k, torch.float16, False, 7)
+    want = F.linear(x.float(), w.float())
+    got = gemv(x, w, config=config)
+    assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="Linear sends products to the GEMV on GPUs only")
+def test_linear_takes_the_gemv_for_one_row_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the GEMV serves Hopper and later")
+    calls = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    linear = Linear(256, 96, bias=True).to(torch.bfloat16).cuda()
+    for m in (1, 2, 8):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        want = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+        assert (linear(x).float() - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+    linear.float()(torch.randn(1, 256, device="cuda"))  # fp32: cuBLAS
+    assert calls == [(1, 256)]
+    monkeypatch.setattr(gemv_mod, "ENABLED", False)
+    linear.to(torch.bfloat16)(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16))
+    assert calls == [(1, 256)]
