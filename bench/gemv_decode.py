@@ -7,9 +7,9 @@ Products: each projection of a whole forward pass (32 layers, each its own weigh
 shape, and all of them with the lm_head in one graph: cuBLAS (`F.linear`) against the GEMV without a prefetch
 (nothing runs ahead of it here, so a prefetch has nothing to overlap). `--sweep` times a grid of launch shapes per
 projection and prints the fastest. `--engine`: whole decode steps of the engine at batch 1 (context ~160), the
-decode graphs re-captured for each variant (cuBLAS; GEMV with 0 to 8 MB prefetched, more for o_proj; short
-kernels releasing late), two alternating rounds, beside the HBM roofline measured now; the logits of one replay of each
-variant are compared with cuBLAS's.
+decode graphs re-captured for each variant (cuBLAS; GEMV with 0 to 8 MB prefetched, more for o_proj; SiLU·mul
+in the gate/up GEMV; short kernels releasing late), two alternating rounds, beside the HBM roofline measured
+now; the logits of one replay of each variant are compared with cuBLAS's.
 """
 
 from __future__ import annotations
@@ -109,21 +109,21 @@ def products(args: argparse.Namespace, results: dict) -> None:
     torch.cuda.empty_cache()
 
 
-VARIANTS = {  # (GEMV on, MB prefetched, MB prefetched after attention, short kernels release early)
-    "cublas": (False, 0, 0, True),
-    "gemv": (True, 0, 0, True),
-    "gemv_pf4": (True, 4, 4, True),
-    "gemv_pf8": (True, 8, 8, True),
-    "gemv_pf8_o16": (True, 8, 16, True),
-    "gemv_pf8_o32": (True, 8, 32, True),
-    "gemv_pf4_o24": (True, 4, 24, True),
-    "gemv_pf8_late": (True, 8, 8, False),
+VARIANTS = {  # (GEMV on, MB prefetched, MB after attention, short kernels release early, SiLU·mul in the GEMV)
+    "cublas": (False, 0, 0, True, False),
+    "gemv": (True, 0, 0, True, False),
+    "gemv_pf8": (True, 8, 8, True, False),
+    "gemv_pf8_silu": (True, 8, 8, True, True),
+    "gemv_pf8_o16_silu": (True, 8, 16, True, True),
+    "gemv_pf8_o32_silu": (True, 8, 32, True, True),
+    "gemv_pf4_o24_silu": (True, 4, 24, True, True),
+    "gemv_pf8_late_silu": (True, 8, 8, False, True),
 }
 
 
 def _set(variant: str) -> None:
-    on, mb, o_mb, early = VARIANTS[variant]
-    gemv_mod.ENABLED, pdl_mod.EARLY_RELEASE = on, early
+    on, mb, o_mb, early, silu = VARIANTS[variant]
+    gemv_mod.ENABLED, pdl_mod.EARLY_RELEASE, gemv_mod.FUSE_SILU_MUL = on, early, silu
     gemv_mod.PREFETCH_BYTES, gemv_mod.AFTER_ATTENTION_PREFETCH_BYTES = mb * MB, o_mb * MB
 
 

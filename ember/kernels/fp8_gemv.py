@@ -10,9 +10,10 @@ stored weights allow) and there is no extra launch. The products are multiplies 
 which keep up with the memory at one row of x (at two or more rows, or as a padded `tl.dot`, this kernel
 streamed at half the rate or less, below cuBLASLt: bench/fp8_gemv.py).
 
-The first weight tile is requested before waiting for the kernel before (programmatic dependent launch,
-`ember/kernels/pdl.py`): weights are never written while a model serves, so that read is safe, and the ramp-up
-of one product overlaps the tail of the launch before it.
+The first weight tile is requested, and the first programs' rows prefetched into L2, before waiting for the
+kernel before (programmatic dependent launch, `ember/kernels/pdl.py`), as the 16-bit GEMV does
+(`ember/kernels/gemv.py`, which sets the prefetch sizes): weights are never written while a model serves, so
+these reads are safe, and the memory works through the short kernels ahead of the product.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
+from ember.kernels import gemv as bf16_gemv
+from ember.kernels.gemv import prefetch_rows_l2
+from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait, use_pdl
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,13 @@ def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn,
+def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, prefetch_programs,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
+    if PREFETCH:
+        if pid < prefetch_programs:
+            prefetch_rows_l2(w_ptr, pid * BLOCK_N, tl.minimum(BLOCK_N, N - pid * BLOCK_N), stride_wn, NUM_THREADS)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N re-read row N-1 instead of being masked: the weight loads stay unpredicated; results dropped.
     offs_n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)
@@ -74,17 +80,25 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-             config: GemvConfig | None = None) -> torch.Tensor:
+             config: GemvConfig | None = None, prefetch_bytes: int | None = None) -> torch.Tensor:
     """`x @ (weight * scale[:, None]).T (+ bias)` for one row x `[1, k]`, weight `[n, k]` FP8 and `scale` `n`
-    fp32 values; the result `[1, n]` has x's dtype. `config` overrides the launch shape (benchmarks)."""
+    fp32 values; the result `[1, n]` has x's dtype. `config` and `prefetch_bytes` override the launch shape and
+    the 16-bit GEMV's `PREFETCH_BYTES` (benchmarks)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m == 1 and weight.shape[1] == k, (x.shape, weight.shape)
     assert x.stride(1) == 1 and weight.stride(1) == 1 and scale.numel() == n and scale.is_contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = config or default_config(n, k)
+    if prefetch_bytes is None:
+        prefetch_bytes = bf16_gemv.PREFETCH_BYTES
+    # The bulk prefetch takes 16-byte aligned rows; without PDL it would only duplicate the product's loads.
+    aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+    prefetch_programs = prefetch_bytes // (config.block_n * weight.stride(0))
+    prefetch = aligned and prefetch_programs > 0 and use_pdl(x.device)
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0),
+        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0), prefetch_programs,
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        PREFETCH=prefetch, NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

@@ -11,6 +11,9 @@ safe that early, and the memory works through the short kernels instead of waiti
 release their dependents when they start (`pdl_small_kernel_args`), so a product's programs are resident, and
 prefetching, while the kernels ahead of it still run.
 
+The fused gate/up product of the MLP also applies SiLU·mul itself (`gemv_silu_mul`: each program takes a gate
+row and its up row), one short kernel less a layer.
+
 `PREFETCH_BYTES` caps how much of each weight is prefetched: L2 (50 MB on an H100/H200) must hold it until the
 product reads it. `EMBER_GEMV=0` sends every product to cuBLAS (the baseline when measuring this kernel).
 """
@@ -29,6 +32,8 @@ from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait, use_pdl
 
 ENABLED = os.environ.get("EMBER_GEMV", "1") != "0"
 PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "8")) * (1 << 20))
+# `EMBER_GEMV_SILU=0`: the MLP's gate/up GEMV leaves SiLU·mul to its own kernel.
+FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "1") != "0"
 # A product after attention (o_proj) follows the longest gap of a layer (rotary + KV store + attention).
 AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "8")) * (1 << 20))
 
@@ -94,6 +99,44 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, pr
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
+@triton.jit
+def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, INTER, K, stride_wn, row_bytes, prefetch_programs,
+                          BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                          PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
+    # W is a fused gate/up weight [2 * INTER, K]: this program takes BLOCK_H gate rows and the up rows they pair with,
+    # so SiLU(gate) * up is computed here and the step has no SiLU·mul launch.
+    pid = tl.program_id(0)
+    row0 = pid * BLOCK_H
+    if PREFETCH:
+        if pid < prefetch_programs:
+            rows = tl.minimum(BLOCK_H, INTER - row0)
+            prefetch_rows_l2(w_ptr, row0, rows, row_bytes, NUM_THREADS)
+            prefetch_rows_l2(w_ptr, INTER + row0, rows, row_bytes, NUM_THREADS)
+    offs_h = row0 + tl.arange(0, BLOCK_H)
+    offs_h_safe = tl.minimum(offs_h, INTER - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    g_rows = w_ptr + offs_h_safe[:, None] * stride_wn
+    u_rows = g_rows + INTER * stride_wn
+    wg = _weight_tile(g_rows, offs_k, K, EVEN_K)
+    wu = _weight_tile(u_rows, offs_k, K, EVEN_K)
+    pdl_wait(USE_PDL)
+    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    acc_g = wg.to(tl.float32) * x[None, :]
+    acc_u = wu.to(tl.float32) * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        acc_g += _weight_tile(g_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
+        acc_u += _weight_tile(u_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
+    pdl_release(USE_PDL)
+    # Rounded as the unfused path rounds: both products to the output dtype, then SiLU·mul's kernel arithmetic.
+    dtype = out_ptr.dtype.element_ty
+    g = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
+    u = tl.sum(acc_u, axis=1).to(dtype)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype)
+    tl.store(out_ptr + offs_h, silu * u, mask=offs_h < INTER)
+
+
 def default_config(n: int, k: int) -> GemvConfig:
     """The fastest launch shape for each of the 8B model's projections and its lm_head on an H100 (one CUDA graph
     of 32 products with distinct weights each; `bench/gemv_decode.py --sweep`)."""
@@ -140,5 +183,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), row_bytes, prefetch_programs,
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         PREFETCH=prefetch, NUM_THREADS=32 * config.num_warps,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
+    return out
+
+
+def gemv_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, *, config: GemvConfig | None = None,
+                  prefetch_bytes: int | None = None) -> torch.Tensor:
+    """SiLU(x @ gate.T) * (x @ up.T) for x `[1, k]` and the fused `gate_up` weight `[2 * i, k]` (gate rows first;
+    see `applies`): `[1, i]`, in one launch. `config.block_n` counts the gate and up rows of a program."""
+    m, k = x.shape
+    inter = gate_up.shape[0] // 2
+    assert m == 1 and gate_up.shape == (2 * inter, k), (x.shape, gate_up.shape)
+    out = torch.empty(1, inter, dtype=x.dtype, device=x.device)
+    config = config or default_config(2 * inter, k)
+    block_h = max(1, config.block_n // 2)
+    if prefetch_bytes is None:
+        prefetch_bytes = PREFETCH_BYTES
+    row_bytes = gate_up.stride(0) * gate_up.element_size()
+    prefetch_programs = prefetch_bytes // (2 * block_h * row_bytes)
+    _gemv_silu_mul_kernel[(triton.cdiv(inter, block_h),)](
+        x, gate_up, out, inter, k, gate_up.stride(0), row_bytes, prefetch_programs,
+        BLOCK_H=block_h, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        PREFETCH=prefetch_programs > 0 and use_pdl(x.device), NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

@@ -147,7 +147,19 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(silu_mul(self.gate_up_proj(x))))
+        h = self._fused_gate_up(x)
+        if h is None:
+            h = silu_mul(self.gate_up_proj(x))
+        return self.tp.all_reduce(self.down_proj(h))
+
+    def _fused_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
+        """SiLU·mul inside the batch-1 GEMV where `Linear` would take that kernel (`ember.kernels.gemv`)."""
+        proj = self.gate_up_proj
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and isinstance(proj, Linear)) or proj.bias is not None:
+            return None
+        from ember.kernels import gemv
+
+        return gemv.gemv_silu_mul(x, proj.weight) if gemv.FUSE_SILU_MUL and gemv.applies(x, proj.weight) else None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

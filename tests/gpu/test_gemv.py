@@ -5,15 +5,20 @@ Triton's interpreter (tests/attention/test_kernels_interpreted.py), in fp16."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ember.kernels import gemv as gemv_mod
-from ember.kernels.gemv import GemvConfig, gemv
+from ember.kernels.gemv import GemvConfig, gemv, gemv_silu_mul
+from ember.model.layers import GatedMLP, silu_mul_ref
 from ember.model.linear import Linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA (or TRITON_INTERPRET=1)")
 DTYPES = [torch.float16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
 
 
@@ -49,6 +54,36 @@ def test_gemv_launch_shapes_agree(config: GemvConfig) -> None:
     want = F.linear(x.float(), w.float())
     got = gemv(x, w, config=config)
     assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter,k,config", [(14336, 4096, None), (37, 1000, None), (5, 64, GemvConfig(4, 512, 4)),
+                                            (300, 2056, GemvConfig(8, 1024, 8))])
+def test_gemv_silu_mul_matches_the_unfused_path(dtype: torch.dtype, inter: int, k: int,
+                                                config: GemvConfig | None) -> None:
+    if DEVICE == "cpu" and inter * k > 1 << 20:
+        pytest.skip("large shapes run compiled on a GPU; the interpreter is slow")
+    x, w, _ = _inputs(2 * inter, k, dtype, False, inter)
+    want = silu_mul_ref(F.linear(x.float(), w.float()).to(dtype)).float()
+    got = gemv_silu_mul(x, w, config=config, prefetch_bytes=1 << 20)
+    assert got.shape == (1, inter) and got.dtype == dtype
+    assert (got.float() - want).abs().max().item() <= 2e-2 * want.abs().max().item() + 1e-3
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the MLP takes the fused GEMV on GPUs only")
+def test_gated_mlp_fuses_silu_mul_at_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the GEMV serves Hopper and later")
+    mlp = GatedMLP(256, 384).to(torch.bfloat16).cuda()
+    calls = []
+    real = gemv_mod.gemv_silu_mul
+    monkeypatch.setattr(gemv_mod, "gemv_silu_mul", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    for m in (1, 3):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        h = silu_mul_ref(F.linear(x, mlp.gate_up_proj.weight))
+        want = F.linear(h.float(), mlp.down_proj.weight.float())
+        assert (mlp(x).float() - want).abs().max().item() <= 3e-2 * want.abs().max().item()
+    assert calls == [(1, 256)]
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Linear sends products to the GEMV on GPUs only")
