@@ -114,9 +114,7 @@ VARIANTS = {  # (GEMV on, MB prefetched, MB after attention, short kernels relea
     "gemv": (True, 0, 0, True, False),
     "gemv_pf8": (True, 8, 8, True, False),
     "gemv_pf8_silu": (True, 8, 8, True, True),
-    "gemv_pf8_o16_silu": (True, 8, 16, True, True),
-    "gemv_pf8_o32_silu": (True, 8, 32, True, True),
-    "gemv_pf4_o24_silu": (True, 4, 24, True, True),
+    "gemv_pf8_o24_silu": (True, 8, 24, True, True),
     "gemv_pf8_late_silu": (True, 8, 8, False, True),
 }
 

@@ -10,10 +10,11 @@ stored weights allow) and there is no extra launch. The products are multiplies 
 which keep up with the memory at one row of x (at two or more rows, or as a padded `tl.dot`, this kernel
 streamed at half the rate or less, below cuBLASLt: bench/fp8_gemv.py).
 
-The first weight tile is requested, and the first programs' rows prefetched into L2, before waiting for the
-kernel before (programmatic dependent launch, `ember/kernels/pdl.py`), as the 16-bit GEMV does
-(`ember/kernels/gemv.py`, which sets the prefetch sizes): weights are never written while a model serves, so
-these reads are safe, and the memory works through the short kernels ahead of the product.
+The first weight tile is requested before waiting for the kernel before (programmatic dependent launch,
+`ember/kernels/pdl.py`): weights are never written while a model serves, so that read is safe, and the ramp-up
+of one product overlaps the kernels ahead of it. The first programs' rows can also be prefetched into L2 there,
+as the 16-bit GEMV's option does (`ember/kernels/gemv.py`'s `PREFETCH_BYTES`, off by default; not measured with
+FP8 weights).
 """
 
 from __future__ import annotations

@@ -2,20 +2,19 @@
 `torch.nn.functional.linear`.
 
 A batch-1 step reads every weight once and runs ~5 short kernels a layer between its four products (RMSNorm,
-rotary + KV store, attention, SiLU·mul) during which the memory is nearly idle: ~0.5 ms of an 8B model's
-~4.4 ms step on an H200. cuBLAS's products cannot start reading before the kernel ahead of them has finished.
-This one is launched early (programmatic dependent launch, `ember/kernels/pdl.py`), and before it waits for the
-kernel ahead, each of its first programs asks L2 to fetch its rows of W (Hopper's `cp.async.bulk.prefetch.L2`,
-fire-and-forget) and loads its first tile: weights are never written while a model serves, so these reads are
-safe that early, and the memory works through the short kernels instead of waiting for them. The short kernels
-release their dependents when they start (`pdl_small_kernel_args`), so a product's programs are resident, and
-prefetching, while the kernels ahead of it still run.
+rotary + KV store, attention, SiLU·mul) during which the memory is nearly idle. cuBLAS's products at M = 1 reach
+~89 % of a device copy's rate on an H100 and cannot start before the kernel ahead has finished. This kernel
+streams a few whole rows of W a program (a read-only stream: ~100 % of the copy rate, bench/gemv_decode.py) and
+is launched early (programmatic dependent launch, `ember/kernels/pdl.py`): before it waits for the kernel ahead
+it loads its first tile of W (weights are never written while a model serves, so that read is safe early), and
+the short kernels release their dependents as they start (`pdl_small_kernel_args`), so its programs are resident
+and reading while those kernels run.
 
-The fused gate/up product of the MLP also applies SiLU·mul itself (`gemv_silu_mul`: each program takes a gate
-row and its up row), one short kernel less a layer.
-
-`PREFETCH_BYTES` caps how much of each weight is prefetched: L2 (50 MB on an H100/H200) must hold it until the
-product reads it. `EMBER_GEMV=0` sends every product to cuBLAS (the baseline when measuring this kernel).
+Two options measured and left off by default (docs/PERFORMANCE.md, eighth session): prefetching each weight's
+first `PREFETCH_BYTES` into L2 (`cp.async.bulk.prefetch.L2`) before the wait (`EMBER_GEMV_PREFETCH_MB`; 8 MB
+gained 0.07 ms a step on an H100 with a narrower launch shape, lost 0.02 ms on an H200 with this one), and
+SiLU·mul inside the gate/up product (`gemv_silu_mul`, `EMBER_GEMV_SILU=1`: 0.03 ms slower on an H200).
+`EMBER_GEMV=0` sends every product to cuBLAS (the baseline when measuring this kernel).
 """
 
 from __future__ import annotations
@@ -31,11 +30,10 @@ import triton.language as tl
 from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait, use_pdl
 
 ENABLED = os.environ.get("EMBER_GEMV", "1") != "0"
-PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "8")) * (1 << 20))
-# `EMBER_GEMV_SILU=0`: the MLP's gate/up GEMV leaves SiLU·mul to its own kernel.
-FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "1") != "0"
+PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "0")) * (1 << 20))
 # A product after attention (o_proj) follows the longest gap of a layer (rotary + KV store + attention).
-AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "8")) * (1 << 20))
+AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "0")) * (1 << 20))
+FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -162,6 +160,12 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _hopper_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
+def _can_prefetch(weight: torch.Tensor, row_bytes: int) -> bool:
+    """The bulk prefetch takes 16-byte aligned addresses and sizes; without PDL nothing runs ahead of the wait,
+    so a prefetch would only duplicate the product's own loads."""
+    return row_bytes % 16 == 0 and weight.data_ptr() % 16 == 0 and use_pdl(weight.device)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          config: GemvConfig | None = None, prefetch_bytes: int | None = None,
          after_attention: bool = False) -> torch.Tensor:
@@ -177,8 +181,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         prefetch_bytes = AFTER_ATTENTION_PREFETCH_BYTES if after_attention else PREFETCH_BYTES
     row_bytes = weight.stride(0) * weight.element_size()
     prefetch_programs = prefetch_bytes // (config.block_n * row_bytes)
-    # Without PDL nothing runs ahead of the wait, so a prefetch would only duplicate the product's own loads.
-    prefetch = prefetch_programs > 0 and use_pdl(x.device)
+    prefetch = prefetch_programs > 0 and _can_prefetch(weight, row_bytes)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), row_bytes, prefetch_programs,
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
@@ -204,6 +207,6 @@ def gemv_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, *, config: GemvConfig 
     _gemv_silu_mul_kernel[(triton.cdiv(inter, block_h),)](
         x, gate_up, out, inter, k, gate_up.stride(0), row_bytes, prefetch_programs,
         BLOCK_H=block_h, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        PREFETCH=prefetch_programs > 0 and use_pdl(x.device), NUM_THREADS=32 * config.num_warps,
+        PREFETCH=prefetch_programs > 0 and _can_prefetch(gate_up, row_bytes), NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

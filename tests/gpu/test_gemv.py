@@ -75,6 +75,7 @@ def test_gated_mlp_fuses_silu_mul_at_one_row(monkeypatch: pytest.MonkeyPatch) ->
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("the GEMV serves Hopper and later")
     mlp = GatedMLP(256, 384).to(torch.bfloat16).cuda()
+    monkeypatch.setattr(gemv_mod, "FUSE_SILU_MUL", True)  # an option, off by default
     calls = []
     real = gemv_mod.gemv_silu_mul
     monkeypatch.setattr(gemv_mod, "gemv_silu_mul", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
@@ -84,6 +85,23 @@ def test_gated_mlp_fuses_silu_mul_at_one_row(monkeypatch: pytest.MonkeyPatch) ->
         want = F.linear(h.float(), mlp.down_proj.weight.float())
         assert (mlp(x).float() - want).abs().max().item() <= 3e-2 * want.abs().max().item()
     assert calls == [(1, 256)]
+    monkeypatch.setattr(gemv_mod, "FUSE_SILU_MUL", False)
+    mlp(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16))
+    assert calls == [(1, 256)]
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="FP8 weights: compiled on a GPU only")
+def test_fp8_gemv_prefetch_leaves_the_product_unchanged() -> None:
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the GEMV's prefetch serves Hopper and later")
+    from ember.kernels.fp8_gemv import fp8_gemv
+    from ember.model.fp8 import quantize_rows
+
+    x, w, _ = _inputs(1000, 4096, torch.bfloat16, False, 3)
+    q, scale = quantize_rows(w)
+    plain = fp8_gemv(x, q, scale.reshape(-1).contiguous(), prefetch_bytes=0)
+    fetched = fp8_gemv(x, q, scale.reshape(-1).contiguous(), prefetch_bytes=1 << 20)
+    assert torch.equal(plain, fetched)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="Linear sends products to the GEMV on GPUs only")
