@@ -1,5 +1,5 @@
-"""Batch-1 products through ember's GEMV (`ember/kernels/gemv.py`: weights prefetched into L2 while the short
-kernels ahead run) against cuBLAS, on a GPU.
+"""Batch-1 products through ember's GEMV (`ember/kernels/gemv.py`: launched early, reading its weights while the
+short kernels ahead run) against cuBLAS, on a GPU.
 
     python bench/gemv_decode.py [--model llama-3.1-8b-instruct] [--tokenizer DIR] [--sweep] [--engine] [--json F]
 

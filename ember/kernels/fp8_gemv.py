@@ -95,7 +95,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
         prefetch_bytes = bf16_gemv.PREFETCH_BYTES
     # The bulk prefetch takes 16-byte aligned rows; without PDL it would only duplicate the product's loads.
     aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
-    prefetch_programs = prefetch_bytes // (config.block_n * weight.stride(0))
+    prefetch_programs = prefetch_bytes // (config.block_n * weight.stride(0)) if prefetch_bytes > 0 else 0
     prefetch = aligned and prefetch_programs > 0 and use_pdl(x.device)
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0), prefetch_programs,

@@ -114,7 +114,7 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, INTER, K, stride_wn, row_bytes,
     offs_h_safe = tl.minimum(offs_h, INTER - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     g_rows = w_ptr + offs_h_safe[:, None] * stride_wn
-    u_rows = g_rows + INTER * stride_wn
+    u_rows = g_rows + INTER.to(tl.int64) * stride_wn
     wg = _weight_tile(g_rows, offs_k, K, EVEN_K)
     wu = _weight_tile(u_rows, offs_k, K, EVEN_K)
     pdl_wait(USE_PDL)
@@ -147,13 +147,15 @@ def _hopper_or_later(index: int) -> bool:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` takes this kernel: one 16-bit row on a Hopper-or-later GPU, W's rows unit-strided
-    and 16-byte aligned (the bulk prefetch's requirement)."""
+    """Whether `linear(x, weight)` takes this kernel: one 16-bit row on a Hopper-or-later GPU, W's rows unit-strided,
+    distinct and 16-byte aligned (the kernel's loads are 16-byte vectors; other weights are cuBLAS's)."""
     if not ENABLED or not x.is_cuda or x.dim() != 2 or x.shape[0] != 1:
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or weight.dim() != 2:
         return False
     if x.stride(1) != 1 or weight.stride(1) != 1 or (weight.stride(0) * weight.element_size()) % 16:
+        return False
+    if weight.shape[1] == 0 or weight.stride(0) < weight.shape[1]:
         return False
     if weight.data_ptr() % 16:
         return False
@@ -180,7 +182,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if prefetch_bytes is None:
         prefetch_bytes = AFTER_ATTENTION_PREFETCH_BYTES if after_attention else PREFETCH_BYTES
     row_bytes = weight.stride(0) * weight.element_size()
-    prefetch_programs = prefetch_bytes // (config.block_n * row_bytes)
+    prefetch_programs = prefetch_bytes // (config.block_n * row_bytes) if prefetch_bytes > 0 else 0
     prefetch = prefetch_programs > 0 and _can_prefetch(weight, row_bytes)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), row_bytes, prefetch_programs,
@@ -203,7 +205,7 @@ def gemv_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, *, config: GemvConfig 
     if prefetch_bytes is None:
         prefetch_bytes = PREFETCH_BYTES
     row_bytes = gate_up.stride(0) * gate_up.element_size()
-    prefetch_programs = prefetch_bytes // (2 * block_h * row_bytes)
+    prefetch_programs = prefetch_bytes // (2 * block_h * row_bytes) if prefetch_bytes > 0 else 0
     _gemv_silu_mul_kernel[(triton.cdiv(inter, block_h),)](
         x, gate_up, out, inter, k, gate_up.stride(0), row_bytes, prefetch_programs,
         BLOCK_H=block_h, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,

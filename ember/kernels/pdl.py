@@ -57,7 +57,8 @@ def _sm_count(index: int) -> int:
 
 
 def pdl_small_kernel_args(device: torch.device, programs: int) -> dict[str, bool]:
-    """`pdl_launch_args` of a kernel that also takes `RELEASE_EARLY`: true where its `programs` fit one wave."""
+    """`pdl_launch_args` of a kernel that also takes `RELEASE_EARLY`: true where it has no more `programs` than
+    the GPU has SMs (one wave whatever each program's size)."""
     pdl = use_pdl(device)
     early = pdl and EARLY_RELEASE and programs <= _sm_count(
         device.index if device.index is not None else torch.cuda.current_device())
