@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from ember.kernels import gemv as bf16_gemv
-from ember.kernels.gemv import prefetch_rows_l2
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait, use_pdl
+from ember.kernels.gemv import row_dot_products
+from ember.kernels.pdl import pdl_launch_args, use_pdl
 
 
 @dataclass(frozen=True)
@@ -39,36 +39,13 @@ class GemvConfig:
 
 
 @triton.jit
-def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr):
-    if EVEN_K:
-        return tl.load(w_rows + k[None, :])
-    return tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
-
-
-@triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn, prefetch_programs,
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
-    pid = tl.program_id(0)
-    if PREFETCH:
-        if pid < prefetch_programs:
-            prefetch_rows_l2(w_ptr, pid * BLOCK_N, tl.minimum(BLOCK_N, N - pid * BLOCK_N), stride_wn, NUM_THREADS)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N re-read row N-1 instead of being masked: the weight loads stay unpredicated; results dropped.
-    offs_n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + offs_n_safe[:, None] * stride_wn
-    w = _weight_tile(w_rows, offs_k, K, EVEN_K)  # does not depend on the kernel before: in flight during the wait
-    pdl_wait(USE_PDL)
-    # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
-    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    acc = w.to(tl.float32) * x[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + offs_k
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc += _weight_tile(w_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
-    pdl_release(USE_PDL)
-    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + offs_n_safe)
+    # The 16-bit GEMV's loop; FP8 rows are `stride_wn` bytes.
+    y, offs_n, offs_n_safe = row_dot_products(x_ptr, w_ptr, N, K, stride_wn, stride_wn, prefetch_programs, BLOCK_N,
+                                              BLOCK_K, EVEN_K, PREFETCH, NUM_THREADS, USE_PDL, False)
+    y = y * tl.load(scale_ptr + offs_n_safe)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)

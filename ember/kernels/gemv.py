@@ -61,16 +61,22 @@ def prefetch_rows_l2(w_ptr, row0, rows, row_bytes, NUM_THREADS: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr):
+def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    if EVICT_FIRST:
+        if EVEN_K:
+            return tl.load(w_rows + k[None, :], eviction_policy="evict_first")
+        return tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0, eviction_policy="evict_first")
     if EVEN_K:
-        return tl.load(w_rows + k[None, :], eviction_policy="evict_first")
-    return tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0, eviction_policy="evict_first")
+        return tl.load(w_rows + k[None, :])
+    return tl.load(w_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
+def row_dot_products(x_ptr, w_ptr, N, K, stride_wn, row_bytes, prefetch_programs, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr,
+                     USE_PDL: tl.constexpr, EVICT_FIRST: tl.constexpr):
+    """This program's BLOCK_N rows of W times x, in fp32 (with the PDL wait inside: the first tile of W is loaded,
+    and with PREFETCH the rows asked of L2, before it). Returns (sums, row indices, row indices clamped to N)."""
     pid = tl.program_id(0)
     row0 = pid * BLOCK_N
     if PREFETCH:
@@ -81,7 +87,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, pr
     offs_n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + offs_n_safe[:, None] * stride_wn
-    w = _weight_tile(w_rows, offs_k, K, EVEN_K)  # does not depend on the kernel ahead: in flight during the wait
+    w = _weight_tile(w_rows, offs_k, K, EVEN_K, EVICT_FIRST)  # independent of the kernel ahead: loads during the wait
     pdl_wait(USE_PDL)
     # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
@@ -89,9 +95,17 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, pr
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc += _weight_tile(w_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
+        acc += _weight_tile(w_rows, k, K, EVEN_K, EVICT_FIRST).to(tl.float32) * x[None, :]
     pdl_release(USE_PDL)
-    y = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1), offs_n, offs_n_safe
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
+    y, offs_n, offs_n_safe = row_dot_products(x_ptr, w_ptr, N, K, stride_wn, row_bytes, prefetch_programs, BLOCK_N,
+                                              BLOCK_K, EVEN_K, PREFETCH, NUM_THREADS, USE_PDL, True)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
@@ -115,8 +129,8 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, INTER, K, stride_wn, row_bytes,
     offs_k = tl.arange(0, BLOCK_K)
     g_rows = w_ptr + offs_h_safe[:, None] * stride_wn
     u_rows = g_rows + INTER.to(tl.int64) * stride_wn
-    wg = _weight_tile(g_rows, offs_k, K, EVEN_K)
-    wu = _weight_tile(u_rows, offs_k, K, EVEN_K)
+    wg = _weight_tile(g_rows, offs_k, K, EVEN_K, True)
+    wu = _weight_tile(u_rows, offs_k, K, EVEN_K, True)
     pdl_wait(USE_PDL)
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     acc_g = wg.to(tl.float32) * x[None, :]
@@ -124,8 +138,8 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, INTER, K, stride_wn, row_bytes,
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc_g += _weight_tile(g_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
-        acc_u += _weight_tile(u_rows, k, K, EVEN_K).to(tl.float32) * x[None, :]
+        acc_g += _weight_tile(g_rows, k, K, EVEN_K, True).to(tl.float32) * x[None, :]
+        acc_u += _weight_tile(u_rows, k, K, EVEN_K, True).to(tl.float32) * x[None, :]
     pdl_release(USE_PDL)
     # Rounded as the unfused path rounds: both products to the output dtype, then SiLU·mul's kernel arithmetic.
     dtype = out_ptr.dtype.element_ty
