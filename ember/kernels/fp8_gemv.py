@@ -19,23 +19,13 @@ FP8 weights).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ember.kernels import gemv as bf16_gemv
-from ember.kernels.gemv import row_dot_products
-from ember.kernels.pdl import pdl_launch_args, use_pdl
-
-
-@dataclass(frozen=True)
-class GemvConfig:
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int = 3
+from ember.kernels.gemv import GemvConfig, prefetch_programs, row_dot_products
+from ember.kernels.pdl import pdl_launch_args
 
 
 @triton.jit
@@ -70,13 +60,10 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     config = config or default_config(n, k)
     if prefetch_bytes is None:
         prefetch_bytes = bf16_gemv.PREFETCH_BYTES
-    # The bulk prefetch takes 16-byte aligned rows; without PDL it would only duplicate the product's loads.
-    aligned = weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
-    prefetch_programs = prefetch_bytes // (config.block_n * weight.stride(0)) if prefetch_bytes > 0 else 0
-    prefetch = aligned and prefetch_programs > 0 and use_pdl(x.device)
+    programs = prefetch_programs(weight, config.block_n, prefetch_bytes)
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0), prefetch_programs,
+        x, weight, scale, bias if bias is not None else scale, out, n, k, weight.stride(0), programs,
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        PREFETCH=prefetch, NUM_THREADS=32 * config.num_warps,
+        PREFETCH=programs > 0, NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

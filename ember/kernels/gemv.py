@@ -19,7 +19,6 @@ SiLU·mul inside the gate/up product (`gemv_silu_mul`, `EMBER_GEMV_SILU=1`: 0.03
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait, use_pdl
+from ember.kernels.pdl import hopper_or_later, pdl_launch_args, pdl_release, pdl_wait, use_pdl
 
 ENABLED = os.environ.get("EMBER_GEMV", "1") != "0"
 PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "0")) * (1 << 20))
@@ -155,11 +154,6 @@ def default_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n=2, block_k=min(2048, triton.next_power_of_2(k)), num_warps=8, num_stages=4)
 
 
-@functools.cache
-def _hopper_or_later(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear(x, weight)` takes this kernel: one 16-bit row on a Hopper-or-later GPU, W's rows unit-strided,
     distinct and 16-byte aligned (the kernel's loads are 16-byte vectors; other weights are cuBLAS's)."""
@@ -173,13 +167,17 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if weight.data_ptr() % 16:
         return False
-    return _hopper_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return hopper_or_later(x.device)
 
 
-def _can_prefetch(weight: torch.Tensor, row_bytes: int) -> bool:
-    """The bulk prefetch takes 16-byte aligned addresses and sizes; without PDL nothing runs ahead of the wait,
-    so a prefetch would only duplicate the product's own loads."""
-    return row_bytes % 16 == 0 and weight.data_ptr() % 16 == 0 and use_pdl(weight.device)
+def prefetch_programs(weight: torch.Tensor, rows_per_program: int, prefetch_bytes: int) -> int:
+    """How many leading programs prefetch their rows of `weight` to cover `prefetch_bytes`: 0 (no prefetch) where
+    the bulk prefetch cannot take the rows (16-byte aligned addresses and sizes) or where nothing runs ahead of
+    the wait (without PDL a prefetch would only duplicate the product's own loads)."""
+    row_bytes = weight.stride(0) * weight.element_size()
+    if prefetch_bytes <= 0 or row_bytes % 16 or weight.data_ptr() % 16 or not use_pdl(weight.device):
+        return 0
+    return prefetch_bytes // (rows_per_program * row_bytes)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -195,13 +193,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     config = config or default_config(n, k)
     if prefetch_bytes is None:
         prefetch_bytes = AFTER_ATTENTION_PREFETCH_BYTES if after_attention else PREFETCH_BYTES
-    row_bytes = weight.stride(0) * weight.element_size()
-    prefetch_programs = prefetch_bytes // (config.block_n * row_bytes) if prefetch_bytes > 0 else 0
-    prefetch = prefetch_programs > 0 and _can_prefetch(weight, row_bytes)
+    programs = prefetch_programs(weight, config.block_n, prefetch_bytes)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), row_bytes, prefetch_programs,
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        weight.stride(0) * weight.element_size(), programs,
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        PREFETCH=prefetch, NUM_THREADS=32 * config.num_warps,
+        PREFETCH=programs > 0, NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out
 
@@ -218,11 +215,10 @@ def gemv_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, *, config: GemvConfig 
     block_h = max(1, config.block_n // 2)
     if prefetch_bytes is None:
         prefetch_bytes = PREFETCH_BYTES
-    row_bytes = gate_up.stride(0) * gate_up.element_size()
-    prefetch_programs = prefetch_bytes // (2 * block_h * row_bytes) if prefetch_bytes > 0 else 0
+    programs = prefetch_programs(gate_up, 2 * block_h, prefetch_bytes)
     _gemv_silu_mul_kernel[(triton.cdiv(inter, block_h),)](
-        x, gate_up, out, inter, k, gate_up.stride(0), row_bytes, prefetch_programs,
+        x, gate_up, out, inter, k, gate_up.stride(0), gate_up.stride(0) * gate_up.element_size(), programs,
         BLOCK_H=block_h, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
-        PREFETCH=prefetch_programs > 0 and _can_prefetch(gate_up, row_bytes), NUM_THREADS=32 * config.num_warps,
+        PREFETCH=programs > 0, NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

@@ -18,8 +18,6 @@ read on the device, so decode batches can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +29,7 @@ from ember.kernels.pdl import (
     pdl_release_late,
     pdl_small_kernel_args,
     pdl_wait,
+    sm_count,
 )
 
 _LOG2E = 1.4426950408889634
@@ -284,13 +283,6 @@ def _split_kv_decode_kernel(
             tl.store(counter, 0)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":  # the Triton interpreter on CPU: pretend to be an H100
-        return 132
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits for a decode batch: 1 (unified kernel) once one program per (sequence, KV head) fills the SMs.
 
@@ -298,7 +290,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -
     the sequences grow.
     """
     programs = num_seqs * num_kv_heads
-    sms = _sm_count(device)
+    sms = sm_count(device)
     if programs >= sms:
         return 1
     # About one wave of programs. Measured on an H200 while the merge was still a second launch (Llama-3.1-8B

@@ -33,16 +33,33 @@ PDL_ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
 EARLY_RELEASE = os.environ.get("EMBER_PDL_EARLY", "1") != "0"
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def hopper_or_later(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 (Hopper) or later."""
+    return device.type == "cuda" and _hopper_or_later(_cuda_index(device))
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device; on the CPU, where Triton's interpreter runs the kernels, an H100's 132."""
+    return _sm_count(_cuda_index(device)) if device.type == "cuda" else 132
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL (never under the CPU interpreter)."""
-    if not PDL_ENABLED or device.type != "cuda":
-        return False
-    return _hopper_or_later(device.index if device.index is not None else torch.cuda.current_device())
+    return PDL_ENABLED and hopper_or_later(device)
 
 
 def pdl_launch_args(device: torch.device) -> dict[str, bool]:
@@ -51,17 +68,11 @@ def pdl_launch_args(device: torch.device) -> dict[str, bool]:
     return {"USE_PDL": pdl, "launch_pdl": pdl}
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def pdl_small_kernel_args(device: torch.device, programs: int) -> dict[str, bool]:
     """`pdl_launch_args` of a kernel that also takes `RELEASE_EARLY`: true where it has no more `programs` than
     the GPU has SMs (one wave whatever each program's size)."""
     pdl = use_pdl(device)
-    early = pdl and EARLY_RELEASE and programs <= _sm_count(
-        device.index if device.index is not None else torch.cuda.current_device())
+    early = pdl and EARLY_RELEASE and programs <= sm_count(device)
     return {"USE_PDL": pdl, "launch_pdl": pdl, "RELEASE_EARLY": early}
 
 
