@@ -155,11 +155,10 @@ class GatedMLP(nn.Module):
     def _fused_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
         """SiLU·mul inside the batch-1 GEMV where `Linear` would take that kernel (`ember.kernels.gemv`)."""
         proj = self.gate_up_proj
-        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and isinstance(proj, Linear)) or proj.bias is not None:
+        if not isinstance(proj, Linear) or proj.bias is not None:  # an Fp8Linear, or a biased projection
             return None
-        from ember.kernels import gemv
-
-        return gemv.gemv_silu_mul(x, proj.weight) if gemv.FUSE_SILU_MUL and gemv.applies(x, proj.weight) else None
+        gemv = proj.gemv_kernels(x)
+        return gemv.gemv_silu_mul(x, proj.weight) if gemv is not None and gemv.FUSE_SILU_MUL else None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,10 +19,17 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.after_attention = after_attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
-            from ember.kernels import gemv
+    def gemv_kernels(self, x: torch.Tensor) -> ModuleType | None:
+        """`ember.kernels.gemv` where it serves this product of `x`, else None (imported for one-row CUDA inputs
+        only: the CPU path never loads the kernels)."""
+        if not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1):
+            return None
+        from ember.kernels import gemv
 
-            if gemv.applies(x, self.weight):
-                return gemv.gemv(x, self.weight, self.bias, after_attention=self.after_attention)
+        return gemv if gemv.applies(x, self.weight) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gemv = self.gemv_kernels(x)
+        if gemv is not None:
+            return gemv.gemv(x, self.weight, self.bias, after_attention=self.after_attention)
         return F.linear(x, self.weight, self.bias)
