@@ -14,7 +14,6 @@ docs/PERFORMANCE.md) and dropped: a gain in this stand-in, a loss in the real st
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 
 import torch
@@ -25,7 +24,7 @@ import triton.language as tl
 from ember.bench.profiling import graph_time
 from ember.bench.roofline import measure_bandwidth, projection_shapes
 from ember.config import EngineConfig
-from ember.kernels.pdl import pdl_launch_args, pdl_release, pdl_wait
+from ember.kernels.pdl import hopper_or_later, pdl_launch_args, pdl_release, pdl_wait, sm_count
 from ember.model.config import ModelArchConfig
 from ember.model.loader import resolve_model
 
@@ -53,21 +52,9 @@ def _prefetch_l2_kernel(ptr, nbytes, chunk, THREADS: tl.constexpr, USE_PDL: tl.c
     pdl_wait(USE_PDL)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
-def _supported(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def can_prefetch(t: torch.Tensor) -> bool:
     """Whether `prefetch_l2(t)` issues anything: a contiguous CUDA tensor on Hopper or later, 16-byte aligned."""
-    if t.device.type != "cuda" or not t.is_contiguous() or t.data_ptr() % 16:
-        return False
-    return _supported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and hopper_or_later(t.device)
 
 
 def prefetch_l2(t: torch.Tensor, max_bytes: int | None = None) -> None:
@@ -80,7 +67,7 @@ def prefetch_l2(t: torch.Tensor, max_bytes: int | None = None) -> None:
     nbytes -= nbytes % 16  # the instruction takes multiples of 16 bytes
     if nbytes <= 0:
         return
-    chunk = triton.cdiv(triton.cdiv(nbytes, _sm_count(t.device) * THREADS), 16) * 16
+    chunk = triton.cdiv(triton.cdiv(nbytes, sm_count(t.device) * THREADS), 16) * 16
     grid = (triton.cdiv(nbytes, chunk * THREADS),)
     _prefetch_l2_kernel[grid](t, nbytes, chunk, THREADS=THREADS, num_warps=1,
                               **pdl_launch_args(t.device))
