@@ -63,6 +63,25 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         ...
 
+    def forward_from_hidden(
+        self,
+        x: torch.Tensor,  # [num_tokens, hidden]: the layer's input, before the qkv product
+        qkv_proj: torch.nn.Module,  # rows: the q heads', then the k heads', then the v heads'
+        num_heads: int,
+        num_kv_heads: int,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        *,
+        rotary: RotaryEmbedding,
+        positions: torch.Tensor,
+        rms_eps: float | None = None,  # x is normalised inside the product (`Linear`'s rms_eps)
+    ) -> torch.Tensor | None:
+        """`forward` of the qkv product of x, where this backend fuses the product with what follows it; None
+        where it does not (the caller then runs the product and `forward`)."""
+        return None
+
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
     """`auto` picks Triton on CUDA and the torch reference elsewhere."""

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import gemv as bf16_gemv
-from ember.kernels.gemv import GemvConfig, prefetch_programs, row_dot_products
+from ember.kernels.gemv import GemvConfig, prefetch_programs, program_rows, row_dot_products
 from ember.kernels.pdl import pdl_launch_args
 
 
@@ -33,8 +33,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn
                      HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                      PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
     # The 16-bit GEMV's loop; FP8 rows are `stride_wn` bytes.
-    y, offs_n, offs_n_safe = row_dot_products(x_ptr, w_ptr, N, K, stride_wn, stride_wn, prefetch_programs, BLOCK_N,
-                                              BLOCK_K, EVEN_K, PREFETCH, NUM_THREADS, USE_PDL, False)
+    offs_n, offs_n_safe = program_rows(w_ptr, N, stride_wn, prefetch_programs, BLOCK_N, PREFETCH, NUM_THREADS)
+    y, _ = row_dot_products(x_ptr, w_ptr + offs_n_safe[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, False)
     y = y * tl.load(scale_ptr + offs_n_safe)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)

@@ -33,6 +33,11 @@ PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "0")) * (1 <
 # A product after attention (o_proj) follows the longest gap of a layer (rotary + KV store + attention).
 AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "0")) * (1 << 20))
 FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "0") == "1"
+# `EMBER_GEMV_ROTARY_KV=1`: rotary and the KV-cache store in the qkv product's epilogue (`ember.kernels.gemv_qkv`;
+# being measured).
+FUSE_ROTARY_KV = os.environ.get("EMBER_GEMV_ROTARY_KV", "0") == "1"
+# `EMBER_GEMV_FOLD_NORMS=1`: a batch-1 step's RMSNorms run inside the products that follow them (being measured).
+FOLD_NORMS = os.environ.get("EMBER_GEMV_FOLD_NORMS", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -71,42 +76,61 @@ def _weight_tile(w_rows, k, K, EVEN_K: tl.constexpr, EVICT_FIRST: tl.constexpr):
 
 
 @triton.jit
-def row_dot_products(x_ptr, w_ptr, N, K, stride_wn, row_bytes, prefetch_programs, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr,
-                     USE_PDL: tl.constexpr, EVICT_FIRST: tl.constexpr):
-    """This program's BLOCK_N rows of W times x, in fp32 (with the PDL wait inside: the first tile of W is loaded,
-    and with PREFETCH the rows asked of L2, before it). Returns (sums, row indices, row indices clamped to N)."""
+def program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+                 NUM_THREADS: tl.constexpr):
+    """This program's BLOCK_N consecutive rows of W: (row indices, the same clamped to N, int64), with PREFETCH
+    asked of L2 by the first `prefetch_programs` programs. Rows past N re-read row N-1 instead of being masked,
+    so the weight loads stay unpredicated; their results are dropped."""
     pid = tl.program_id(0)
     row0 = pid * BLOCK_N
     if PREFETCH:
         if pid < prefetch_programs:
             prefetch_rows_l2(w_ptr, row0, tl.minimum(BLOCK_N, N - row0), row_bytes, NUM_THREADS)
     offs_n = row0 + tl.arange(0, BLOCK_N)
-    # Rows past N re-read row N-1 instead of being masked: the weight loads stay unpredicated; results dropped.
-    offs_n_safe = tl.minimum(offs_n, N - 1).to(tl.int64)
+    return offs_n, tl.minimum(offs_n, N - 1).to(tl.int64)
+
+
+@triton.jit
+def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+                     EVICT_FIRST: tl.constexpr, SQUARES: tl.constexpr = False):
+    """Rows of W (`w_rows`: a pointer per row, `[BLOCK_N, 1]`) times x, in fp32, with the PDL wait inside: the first
+    tile of W is loaded before it. Returns (the products, the sum of x's squares where SQUARES, else 0)."""
     offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + offs_n_safe[:, None] * stride_wn
     w = _weight_tile(w_rows, offs_k, K, EVEN_K, EVICT_FIRST)  # independent of the kernel ahead: loads during the wait
     pdl_wait(USE_PDL)
     # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
+    squares = x * x
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc += _weight_tile(w_rows, k, K, EVEN_K, EVICT_FIRST).to(tl.float32) * x[None, :]
+        if SQUARES:
+            squares += x * x
     pdl_release(USE_PDL)
-    return tl.sum(acc, axis=1), offs_n, offs_n_safe
+    sum_squares = 0.0
+    if SQUARES:
+        sum_squares = tl.sum(squares, axis=0)
+    return tl.sum(acc, axis=1), sum_squares
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
+                 rms_eps, HAS_BIAS: tl.constexpr, RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
-    y, offs_n, offs_n_safe = row_dot_products(x_ptr, w_ptr, N, K, stride_wn, row_bytes, prefetch_programs, BLOCK_N,
-                                              BLOCK_K, EVEN_K, PREFETCH, NUM_THREADS, USE_PDL, True)
+    offs_n, offs_n_safe = program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N, PREFETCH, NUM_THREADS)
+    y, squares = row_dot_products(x_ptr, w_ptr + offs_n_safe[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, True,
+                                  RMS_NORM)
+    if RMS_NORM:
+        # W·(x / rms(x)) = (W·x) / rms(x): the norm is a scalar per row of x, so every program applies it after
+        # its own pass over x, with no extra read.
+        y = y * tl.rsqrt(squares / K + rms_eps)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+    if HAS_RESIDUAL:
+        y += tl.load(residual_ptr + offs_n_safe).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
@@ -170,6 +194,12 @@ def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return hopper_or_later(x.device)
 
 
+def folds_norms(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model with `dtype` weights on `device` folds its RMSNorm weights into its products
+    (`LlamaForCausalLM.fold_norms`): where this kernel serves its one-row products and can normalise x itself."""
+    return FOLD_NORMS and ENABLED and dtype in (torch.bfloat16, torch.float16) and hopper_or_later(device)
+
+
 def prefetch_programs(weight: torch.Tensor, rows_per_program: int, prefetch_bytes: int) -> int:
     """How many leading programs prefetch their rows of `weight` to cover `prefetch_bytes`: 0 (no prefetch) where
     the bulk prefetch cannot take the rows (16-byte aligned addresses and sizes) or where nothing runs ahead of
@@ -181,23 +211,29 @@ def prefetch_programs(weight: torch.Tensor, rows_per_program: int, prefetch_byte
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         rms_eps: float | None = None, residual: torch.Tensor | None = None,
          config: GemvConfig | None = None, prefetch_bytes: int | None = None,
          after_attention: bool = False) -> torch.Tensor:
-    """`x @ weight.T (+ bias)` for x `[1, k]` and weight `[n, k]` of x's dtype (see `applies`). The bytes
-    prefetched: `AFTER_ATTENTION_PREFETCH_BYTES` for a product `after_attention`, else `PREFETCH_BYTES`;
-    `prefetch_bytes` and `config` override them and the launch shape (benchmarks)."""
+    """`x @ weight.T (+ bias)` for x `[1, k]` and weight `[n, k]` of x's dtype (see `applies`); with `rms_eps`,
+    x is RMS-normalised first (no weight: fold it into W), and `residual` `[1, n]` is added to the result
+    (`ember.model.linear.linear_ref` is the twin). The bytes prefetched: `AFTER_ATTENTION_PREFETCH_BYTES` for a
+    product `after_attention`, else `PREFETCH_BYTES`; `prefetch_bytes` and `config` override them and the launch
+    shape (benchmarks)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m == 1 and weight.shape[1] == k, (x.shape, weight.shape)
+    if residual is not None:
+        assert residual.shape == (1, n) and residual.stride(1) == 1, (residual.shape, n)
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = config or default_config(n, k)
     if prefetch_bytes is None:
         prefetch_bytes = AFTER_ATTENTION_PREFETCH_BYTES if after_attention else PREFETCH_BYTES
     programs = prefetch_programs(weight, config.block_n, prefetch_bytes)
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        weight.stride(0) * weight.element_size(), programs,
-        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        x, weight, bias if bias is not None else weight, residual if residual is not None else weight, out, n, k,
+        weight.stride(0), weight.stride(0) * weight.element_size(), programs, rms_eps or 0.0,
+        HAS_BIAS=bias is not None, RMS_NORM=rms_eps is not None, HAS_RESIDUAL=residual is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
         PREFETCH=programs > 0, NUM_THREADS=32 * config.num_warps,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return out

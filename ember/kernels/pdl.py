@@ -29,8 +29,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # `EMBER_PDL=0` launches every kernel the ordinary way: the baseline when measuring what PDL saves.
 PDL_ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
-# `EMBER_PDL_EARLY=0`: short kernels release their dependents after their last loads, as the others do.
+# `EMBER_PDL_EARLY=0`: short kernels release their dependents after their last loads, as the others do;
+# `EMBER_PDL_EARLY=all`: as they start whatever their number of programs (being measured).
 EARLY_RELEASE = os.environ.get("EMBER_PDL_EARLY", "1") != "0"
+EARLY_RELEASE_ANY_SIZE = os.environ.get("EMBER_PDL_EARLY") == "all"
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -72,7 +74,7 @@ def pdl_small_kernel_args(device: torch.device, programs: int) -> dict[str, bool
     """`pdl_launch_args` of a kernel that also takes `RELEASE_EARLY`: true where it has no more `programs` than
     the GPU has SMs (one wave whatever each program's size)."""
     pdl = use_pdl(device)
-    early = pdl and EARLY_RELEASE and programs <= sm_count(device)
+    early = pdl and EARLY_RELEASE and (EARLY_RELEASE_ANY_SIZE or programs <= sm_count(device))
     return {"USE_PDL": pdl, "launch_pdl": pdl, "RELEASE_EARLY": early}
 
 

@@ -28,8 +28,23 @@ class Linear(nn.Linear):
 
         return gemv if gemv.applies(x, self.weight) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, rms_eps: float | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """With `rms_eps`, x is RMS-normalised first (an RMSNorm whose weight was folded into this one's, see
+        `LlamaForCausalLM.fold_norms`); `residual` is added to the result. Both run inside the GEMV."""
         gemv = self.gemv_kernels(x)
         if gemv is not None:
-            return gemv.gemv(x, self.weight, self.bias, after_attention=self.after_attention)
-        return F.linear(x, self.weight, self.bias)
+            return gemv.gemv(x, self.weight, self.bias, rms_eps=rms_eps, residual=residual,
+                             after_attention=self.after_attention)
+        return linear_ref(x, self.weight, self.bias, rms_eps=rms_eps, residual=residual)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+               rms_eps: float | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """`Linear.forward` without the GEMV, and the GEMV's torch twin: `F.linear` of x RMS-normalised (in fp32,
+    rounded to x's dtype as RMSNorm rounds before its weight) where `rms_eps` is given, plus `residual`."""
+    if rms_eps is not None:
+        h = x.float()
+        x = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms_eps)).to(x.dtype)
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual

@@ -30,15 +30,25 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, attn: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # The backend applies rotary: the Triton one fuses it into its KV-cache store.
-        o = attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary=self.rotary,
-                         positions=positions)
-        return self.tp.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
+                meta: AttentionMetadata, attn: AttentionBackend, *, rms_eps: float | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`rms_eps`: normalise x inside qkv_proj (the norm's weight folded into it); `residual`: added inside
+        o_proj (one rank only: the sum over ranks would add it once per rank). Both take folded norms."""
+        assert residual is None or not self.tp.enabled
+        o = attn.forward_from_hidden(x, self.qkv_proj, self.num_heads, self.num_kv_heads, kv_cache[0], kv_cache[1],
+                                     meta, self.scale, rotary=self.rotary, positions=positions, rms_eps=rms_eps)
+        if o is None:
+            # (Only a Linear takes rms_eps and residual; an Fp8Linear does not.)
+            qkv = self.qkv_proj(x) if rms_eps is None else self.qkv_proj(x, rms_eps=rms_eps)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(-1, self.num_heads, self.head_dim)
+            k = k.view(-1, self.num_kv_heads, self.head_dim)
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            # The backend applies rotary: the Triton one fuses it into its KV-cache store.
+            o = attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary=self.rotary,
+                             positions=positions)
+        o = o.reshape(-1, self.q_size)
+        return self.tp.all_reduce(self.o_proj(o) if residual is None else self.o_proj(o, residual=residual))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -59,6 +69,13 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def forward_folded(self, positions, x, kv_cache, meta, attn) -> torch.Tensor:
+        """The layer with its norms' weights folded into qkv_proj and gate_up_proj (`LlamaForCausalLM.fold_norms`):
+        x is the whole hidden state (residual included) and so is the result. Each norm and residual add happens
+        inside a product, which at batch 1 saves the two RMSNorm launches of the layer."""
+        h = self.self_attn(positions, x, kv_cache, meta, attn, rms_eps=self.input_layernorm.eps, residual=x)
+        return self.mlp(h, rms_eps=self.post_attention_layernorm.eps, residual=h)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelArchConfig, max_positions: int, tp: TensorParallel) -> None:
@@ -69,9 +86,14 @@ class LlamaModel(nn.Module):
         self.rotary = rotary
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norms_folded = False  # see LlamaForCausalLM.fold_norms
 
     def forward(self, input_ids, positions, kv_caches, meta, attn) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.norms_folded and x.shape[0] == 1:
+            for layer, kv in zip(self.layers, kv_caches, strict=True):
+                x = layer.forward_folded(positions, x, kv, meta, attn)
+            return self.norm(x)
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, residual, kv, meta, attn)
@@ -94,6 +116,24 @@ class LlamaForCausalLM(nn.Module):
                 attn: AttentionBackend) -> torch.Tensor:
         """Hidden states of every input token: [num_tokens, hidden]."""
         return self.model(input_ids, positions, kv_caches, meta, attn)
+
+    def fold_norms(self) -> None:
+        """Fold each layer's RMSNorm weights into the product that follows it (W·diag(g)) and make the norms
+        weightless, so that a one-token forward can normalise inside the products (`forward_folded`).
+
+        Every path computes the same function afterwards, up to one rounding of W·g (FP16/BF16 weights). For
+        16-bit weights on one GPU only: FP8 weights would need re-quantizing, and with tensor parallelism the
+        residual cannot be added before the sum over ranks.
+        """
+        assert not self.tp.enabled
+        with torch.no_grad():
+            for layer in self.model.layers:
+                for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                   (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                    assert isinstance(proj, Linear) and proj.weight.is_floating_point()
+                    proj.weight.mul_(norm.weight.to(proj.weight.dtype))
+                    norm.weight.fill_(1.0)
+        self.model.norms_folded = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

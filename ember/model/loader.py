@@ -562,6 +562,13 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
         # Per-tensor FP8 weights (as vLLM makes them) unless the checkpoint has a scale per channel to keep.
         per_tensor = not any(q.weight_strategy == "channel" for q in arch.quantization)
         quantize_model(model, quantization, checkpoint_scales, per_tensor)
+    elif device.type == "cuda" and not model.tp.enabled:
+        from ember.kernels import gemv
+
+        if gemv.folds_norms(device, dtype):
+            model.fold_norms()
+            logger.info("RMSNorm weights folded into the products that follow them (batch-1 steps normalise "
+                        "inside the GEMV)")
     return model.eval()
 
 

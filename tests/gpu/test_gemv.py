@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ember.kernels import gemv as gemv_mod
 from ember.kernels.gemv import GemvConfig, gemv, gemv_silu_mul
 from ember.model.layers import GatedMLP, silu_mul_ref
-from ember.model.linear import Linear
+from ember.model.linear import Linear, linear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -55,6 +55,66 @@ def test_gemv_launch_shapes_agree(config: GemvConfig) -> None:
     # Rows of 8,200 bytes: the L2 prefetch asked for must be skipped (its addresses take 16-byte alignment).
     got = gemv(x, w, config=config, prefetch_bytes=1 << 20)
     assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,config", [(6144, 4096, None), (37, 1000, None), (130, 2056, GemvConfig(8, 1024, 8)),
+                                        (5, 64, GemvConfig(1, 512, 4))])
+@pytest.mark.parametrize("norm,residual", [(True, False), (False, True), (True, True)])
+def test_gemv_norm_and_residual_match_linear_ref(dtype: torch.dtype, n: int, k: int, config: GemvConfig | None,
+                                                  norm: bool, residual: bool) -> None:
+    """RMS normalisation of x before the product and a residual added after it: the folded-norm path's products."""
+    if DEVICE == "cpu" and n * k > 1 << 20:
+        pytest.skip("large shapes run compiled on a GPU; the interpreter is slow")
+    x, w, _ = _inputs(n, k, dtype, False, n * 3 + k)
+    x = x * 7  # a norm far from 1, so a missing or doubled normalisation shows
+    r = torch.randn(1, n, generator=torch.Generator(device="cpu").manual_seed(k)).to(dtype).to(DEVICE) * 3
+    kw = {"rms_eps": 1e-5 if norm else None, "residual": r if residual else None}
+    want = linear_ref(x.float(), w.float(), **{**kw, "residual": r.float() if residual else None})
+    got = gemv(x, w, config=config, **kw)
+    assert got.shape == (1, n) and got.dtype == dtype
+    assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item() + 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,k", [(32, 8, 128, 4096), (9, 3, 64, 576), (4, 4, 32, 100)])
+@pytest.mark.parametrize("norm,bias,slot", [(False, False, 21), (True, True, 5), (True, False, -1)])
+def test_gemv_rotary_store_kv_matches_the_unfused_path(dtype: torch.dtype, heads: int, kv_heads: int,
+                                                       head_dim: int, k: int, norm: bool, bias: bool,
+                                                       slot: int) -> None:
+    """The qkv product with rotary and the KV store in its epilogue against the product, `rotary_ref` and
+    `torch_ref.store_kv` (slot -1: a padding token, nothing stored). Unwritten cache slots hold NaN and must
+    stay NaN."""
+    from ember.attention.torch_ref import store_kv as store_kv_ref
+    from ember.kernels.gemv_qkv import gemv_rotary_store_kv
+    from ember.model.layers import RotaryEmbedding, rotary_ref
+
+    n = (heads + 2 * kv_heads) * head_dim
+    if DEVICE == "cpu" and n * k > 1 << 20:
+        pytest.skip("large shapes run compiled on a GPU; the interpreter is slow")
+    x, w, b = _inputs(n, k, dtype, bias, heads + k)
+    rot = RotaryEmbedding(head_dim, 2048, 500000.0)
+    rot.build_cache(DEVICE)
+    pos = torch.tensor([1234], device=DEVICE)
+    slots = torch.tensor([slot], device=DEVICE)
+    kc = torch.full((3, 16, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
+    vc = kc.clone()
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    eps = 1e-5 if norm else None
+    qkv = linear_ref(x.float(), w.float(), None if b is None else b.float(), rms_eps=eps).to(dtype)
+    q, kk, v = (t.view(1, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                             kv_heads * head_dim], dim=-1))
+    ref_q, ref_k = rotary_ref(pos, q, kk, rot.cos_cache, rot.sin_cache)
+    store_kv_ref(ref_k, v, kc_ref, vc_ref, slots)
+
+    got_q = gemv_rotary_store_kv(x, w, b, heads, kv_heads, kc, vc, slots, pos, rot.cos_cache, rot.sin_cache,
+                                 rms_eps=eps)
+    assert got_q.shape == (1, heads, head_dim) and got_q.dtype == dtype
+    tol = 1e-2 * qkv.float().abs().max().item() + 1e-3
+    assert (got_q.float() - ref_q.float()).abs().max().item() <= tol
+    for got, want in ((kc, kc_ref), (vc, vc_ref)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert (got.float().nan_to_num() - want.float().nan_to_num()).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

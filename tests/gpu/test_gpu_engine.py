@@ -72,3 +72,35 @@ def test_gpu_bf16_agrees_with_cpu_choices(cpu_reference):
     print(f"bf16 GPU vs fp32 CPU: top-1 agreement {agree}/{total} teacher-forced; "
           f"{free}/{total} positions before the first free-running divergence")
     assert agree >= 0.99 * total
+
+
+def test_batch1_fused_paths_match_the_unfused_gpu_path(monkeypatch: pytest.MonkeyPatch):
+    """One sequence a step through the GEMV with the RMSNorms folded into the products
+    (`LlamaForCausalLM.fold_norms`) and rotary + KV store in the qkv product (`ember.kernels.gemv_qkv`): the same
+    greedy tokens, and logprobs close to, the GEMV's unfused path (the fold rounds W·g once more in bf16)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the GEMV serves Hopper and later")
+    from ember.kernels import gemv as gemv_mod
+    from ember.kernels import gemv_qkv
+
+    fused_calls = []
+    original = gemv_qkv.gemv_rotary_store_kv
+    monkeypatch.setattr(gemv_qkv, "gemv_rotary_store_kv", lambda *a, **kw: fused_calls.append(1) or original(*a, **kw))
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(gemv_mod, "FOLD_NORMS", fused)
+        monkeypatch.setattr(gemv_mod, "FUSE_ROTARY_KV", fused)
+        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=4) as llm:
+            assert llm.engine.model.model.norms_folded == fused
+            prompts = _prompts(llm.tokenizer)[:8]
+            runs.append([llm.generate(prompt_token_ids=[p], sampling_params=sp)[0].outputs[0] for p in prompts])
+    assert fused_calls
+    same = worst = 0
+    for a, b in zip(*runs, strict=True):
+        same += a.token_ids == b.token_ids
+        n = _common_prefix(a.token_ids, b.token_ids)
+        for tok, la, lb in zip(a.token_ids[:n], a.logprobs[:n], b.logprobs[:n], strict=True):
+            worst = max(worst, abs(la[tok].logprob - lb[tok].logprob))
+    print(f"fused vs unfused batch-1 GPU paths: {same}/8 identical continuations; logprob diff at most {worst:.4f}")
+    assert same >= 7 and worst < 0.1

@@ -1,0 +1,52 @@
+"""RMSNorm weights folded into the products after them (`LlamaForCausalLM.fold_norms`): the same tokens and
+logprobs as the model as loaded, through the multi-token path (weightless norms) and the one-token path that
+normalises inside the products (`LlamaDecoderLayer.forward_folded`; the GEMV on a GPU, `linear_ref` here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+from ember.model.llama import LlamaDecoderLayer
+
+PROMPTS = [[1, 500, 7000, 42, 9], [3, 1000, 20000, 31000, 17, 17, 4], [5]]
+
+
+def _generate(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+    return [(o.outputs[0].token_ids, [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs,
+                                                                      strict=True)]) for o in outs]
+
+
+def test_folded_norms_give_the_same_tokens(tmp_path: Path, tiny_checkpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tiny_checkpoints.weights(std=0.2, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for name, w in weights.items():  # norm weights far from 1, so a norm applied twice or not at all shows
+        if name.endswith("norm.weight"):
+            weights[name] = torch.rand(w.shape, generator=g) * 2 + 0.25
+    path = tiny_checkpoints.write(tmp_path, weights, tokenizer=True)
+    kw = dict(max_model_len=64, kv_cache_memory_bytes=4 << 20, enable_prefix_caching=False)
+    with LLM(str(path), **kw) as llm:
+        assert not llm.engine.model.model.norms_folded  # on the CPU the loader never folds
+        want_batch = _generate(llm, PROMPTS)
+        want_alone = [_generate(llm, [p])[0] for p in PROMPTS]
+    folded_steps = []
+    original = LlamaDecoderLayer.forward_folded
+    monkeypatch.setattr(LlamaDecoderLayer, "forward_folded",
+                        lambda self, *a: folded_steps.append(1) or original(self, *a))
+    with LLM(str(path), **kw) as llm:
+        llm.engine.model.fold_norms()
+        layer = llm.engine.model.model.layers[0]
+        assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+        got_batch = _generate(llm, PROMPTS)
+        assert not folded_steps  # several sequences a step: the multi-token path, with weightless norms
+        got_alone = [_generate(llm, [p])[0] for p in PROMPTS]
+        assert folded_steps  # one sequence: one token a decode step, normalised inside the products
+    for (want_ids, want_lp), (got_ids, got_lp) in zip(want_batch + want_alone, got_batch + got_alone, strict=True):
+        assert got_ids == want_ids
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(want_lp, got_lp, strict=True))
