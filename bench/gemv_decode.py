@@ -7,9 +7,13 @@ Products: each projection of a whole forward pass (32 layers, each its own weigh
 shape, and all of them with the lm_head in one graph: cuBLAS (`F.linear`) against the GEMV without a prefetch
 (nothing runs ahead of it here, so a prefetch has nothing to overlap). `--sweep` times a grid of launch shapes per
 projection and prints the fastest. `--engine`: whole decode steps of the engine at batch 1 (context ~160), the
-decode graphs re-captured for each variant (cuBLAS; GEMV with 0 to 8 MB prefetched, more for o_proj; SiLU·mul
-in the gate/up GEMV; short kernels releasing late), two alternating rounds, beside the HBM roofline measured
-now; the logits of one replay of each variant are compared with cuBLAS's.
+decode graphs re-captured for each variant (cuBLAS; GEMV; short kernels releasing as they start whatever their
+size, or late; 8 MB prefetched; RMSNorms inside the products, `LlamaForCausalLM.fold_norms`: the weights are
+folded for every variant, which computes the same function with weightless norms; rotary + KV store inside the
+qkv product), two alternating rounds,
+beside the HBM roofline measured now; the logits of one replay of each variant are compared with cuBLAS's.
+`--skip` adds steps with the launches of one kind of short kernel left out (attention, rotary + KV store,
+RMSNorm, SiLU·mul, all of them): what each costs in the chain.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import argparse
 import itertools
 import json
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import ember.attention.triton_backend as backend_mod
+import ember.kernels.fused as fused_mod
 import ember.kernels.gemv as gemv_mod
 import ember.kernels.pdl as pdl_mod
 from ember.bench.offline import random_prompts
@@ -109,20 +116,63 @@ def products(args: argparse.Namespace, results: dict) -> None:
     torch.cuda.empty_cache()
 
 
-VARIANTS = {  # (GEMV on, MB prefetched, MB after attention, short kernels release early, SiLU·mul in the GEMV)
-    "cublas": (False, 0, 0, True, False),
-    "gemv": (True, 0, 0, True, False),
-    "gemv_pf8": (True, 8, 8, True, False),
-    "gemv_pf8_silu": (True, 8, 8, True, True),
-    "gemv_pf8_o24_silu": (True, 8, 24, True, True),
-    "gemv_pf8_late_silu": (True, 8, 8, False, True),
+@dataclass(frozen=True)
+class Variant:
+    gemv: bool = True  # False: cuBLAS
+    prefetch_mb: int = 0  # of each weight, into L2 before the wait
+    early: str = "wave"  # short kernels release: "late" after their loads, "wave" as they start if their programs
+    # fit one wave, "all" as they start
+    silu: bool = False  # SiLU·mul inside the gate/up GEMV
+    fold: bool = False  # RMSNorms inside the products (`LlamaForCausalLM.fold_norms`)
+    rotary_kv: bool = False  # rotary + KV store inside the qkv GEMV (`ember.kernels.gemv_qkv`)
+
+
+VARIANTS = {
+    "cublas": Variant(gemv=False),
+    "gemv": Variant(),
+    "gemv_early_all": Variant(early="all"),
+    "gemv_late": Variant(early="late"),
+    "gemv_pf8": Variant(prefetch_mb=8),
+    "gemv_fold": Variant(fold=True),
+    "gemv_rotary_kv": Variant(rotary_kv=True),
+    "gemv_fold_rotary_kv": Variant(fold=True, rotary_kv=True),
+    "gemv_fold_rotary_kv_all": Variant(fold=True, rotary_kv=True, early="all"),
 }
 
 
-def _set(variant: str) -> None:
-    on, mb, o_mb, early, silu = VARIANTS[variant]
-    gemv_mod.ENABLED, pdl_mod.EARLY_RELEASE, gemv_mod.FUSE_SILU_MUL = on, early, silu
-    gemv_mod.PREFETCH_BYTES, gemv_mod.AFTER_ATTENTION_PREFETCH_BYTES = mb * MB, o_mb * MB
+def _set(variant: str, model: torch.nn.Module) -> None:
+    v = VARIANTS[variant]
+    # The weights are folded once (the model computes the same function either way); this picks the path.
+    model.model.norms_folded = v.fold
+    gemv_mod.ENABLED, gemv_mod.FUSE_SILU_MUL, gemv_mod.FUSE_ROTARY_KV = v.gemv, v.silu, v.rotary_kv
+    pdl_mod.EARLY_RELEASE, pdl_mod.EARLY_RELEASE_ANY_SIZE = v.early != "late", v.early == "all"
+    gemv_mod.PREFETCH_BYTES = gemv_mod.AFTER_ATTENTION_PREFETCH_BYTES = v.prefetch_mb * MB
+
+
+def _rms_norm_skipped(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    return x if residual is None else (x, residual)
+
+
+# What each short kernel costs in the chain: the step with its launches left out (results are garbage, the
+# timing is what counts; the request is greedy, so NaNs cannot upset the sampler).
+SKIPPED = {
+    "attention": [(backend_mod, "paged_attention", lambda q, *args, **kw: q)],
+    "rotary_kv": [(backend_mod, "rotary_store_kv", lambda *args, **kw: None)],
+    "rms_norm": [(fused_mod, "rms_norm", _rms_norm_skipped)],
+    "silu_mul": [(fused_mod, "silu_mul", lambda gu: gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2))],
+}
+SKIPPED["all_short"] = [patch for patches in SKIPPED.values() for patch in patches]
+
+
+def _skip(name: str | None) -> None:
+    """Leave out the launches of `SKIPPED[name]`, restoring every other one (None: restore all)."""
+    for mod, attr, _ in SKIPPED["all_short"]:
+        original = getattr(mod, "_original_" + attr, None)
+        if original is not None:
+            setattr(mod, attr, original)
+    for mod, attr, stand_in in SKIPPED.get(name, []) if name else []:
+        setattr(mod, "_original_" + attr, getattr(mod, attr))
+        setattr(mod, attr, stand_in)
 
 
 def _replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
@@ -142,14 +192,17 @@ def engine(args: argparse.Namespace, results: dict) -> None:
                        max_num_seqs=8)
     eng = LLMEngine(cfg)
     (prompt,) = random_prompts(1, 32, eng.arch.vocab_size)
-    eng.add_request("r", None, prompt, SamplingParams(max_tokens=4000, ignore_eos=True))
+    eng.add_request("r", None, prompt, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True))
     for _ in range(128):
         eng.step()
     shape = decode_graph_shape(cfg, eng.device, eng.runner.attn, eng.max_model_len)
     assert shape is not None
+    if not eng.model.model.norms_folded:
+        eng.model.fold_norms()
 
     def recapture(variant: str) -> None:
-        _set(variant)
+        _set(variant.split("-skip-")[0], eng.model)
+        _skip(variant.split("-skip-")[1] if "-skip-" in variant else None)
         eng.runner.release_graphs()
         eng.runner.enable_cuda_graphs(*shape)
 
@@ -168,9 +221,10 @@ def engine(args: argparse.Namespace, results: dict) -> None:
     wbytes = model_weight_bytes(eng.model)
     roof_ms = wbytes / copy_bw * 1e3
     print(f"copy {copy_bw / 1e9:,.0f} GB/s, weights {wbytes / 1e9:.2f} GB: roofline {roof_ms:.3f} ms a step")
-    timings: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    variants = list(VARIANTS) + ([f"gemv-skip-{name}" for name in SKIPPED] if args.skip else [])
+    timings: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(2):
-        for v in VARIANTS:
+        for v in variants:
             recapture(v)
             for _ in range(20):
                 eng.step()
@@ -182,10 +236,11 @@ def engine(args: argparse.Namespace, results: dict) -> None:
             step_ms = (time.perf_counter() - t) / args.steps * 1e3
             replay_ms = _replay_ms(eng.runner.graphs.graphs[1])
             timings[v].append({"step_ms": step_ms, "replay_ms": replay_ms})
-            print(f"{v:15s} step {step_ms:.3f} ms ({roof_ms / step_ms * 100:.1f} % of the roofline), "
+            print(f"{v:22s} step {step_ms:.3f} ms ({roof_ms / step_ms * 100:.1f} % of the roofline), "
                   f"graph replay {replay_ms:.3f} ms")
     results["engine"] = {"copy_gb_s": copy_bw / 1e9, "weight_bytes": wbytes, "roofline_ms": roof_ms,
                          "logits_vs_cublas": agree, "timings": timings}
+    recapture("gemv")
     eng.close()
 
 
@@ -196,6 +251,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--engine", action="store_true")
     ap.add_argument("--no-products", action="store_true")
+    ap.add_argument("--skip", action="store_true", help="with --engine: also time steps without each short kernel")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
