@@ -6,14 +6,16 @@ short kernels ahead run) against cuBLAS, on a GPU.
 Products: each projection of a whole forward pass (32 layers, each its own weight, M = 1) as one CUDA graph per
 shape, and all of them with the lm_head in one graph: cuBLAS (`F.linear`) against the GEMV without a prefetch
 (nothing runs ahead of it here, so a prefetch has nothing to overlap). `--sweep` times a grid of launch shapes per
-projection and prints the fastest. `--engine`: whole decode steps of the engine at batch 1 (context ~160), the
-decode graphs re-captured for each variant (cuBLAS; GEMV; short kernels releasing as they start whatever their
-size, or late; 8 MB prefetched; RMSNorms inside the products, `LlamaForCausalLM.fold_norms`: the weights are
-folded for every variant, which computes the same function with weightless norms; rotary + KV store inside the
-qkv product), two alternating rounds,
-beside the HBM roofline measured now; the logits of one replay of each variant are compared with cuBLAS's.
-`--skip` adds steps with the launches of one kind of short kernel left out (attention, rotary + KV store,
-RMSNorm, SiLU·mul, all of them): what each costs in the chain.
+projection and prints the fastest.
+
+`--engine`: whole decode steps of the engine at batch 1, the decode graphs re-captured for each variant (cuBLAS;
+GEMV; short kernels releasing as they start whatever their size, or late; 8 MB prefetched; RMSNorms inside the
+products, `LlamaForCausalLM.fold_norms`: the weights are folded for every variant, which computes the same
+function with weightless norms; rotary + KV store inside the qkv product), two alternating rounds, beside the HBM
+roofline measured now. Each variant is timed on a fresh sequence, at contexts `--context` + 20 to + 20 +
+`--steps`. The logits of one replay of each variant are compared with cuBLAS's. `--skip` adds steps with the
+launches of one kind of short kernel left out (attention, rotary + KV store, RMSNorm, SiLU·mul, all of them):
+what each costs in the chain.
 """
 
 from __future__ import annotations
@@ -191,10 +193,22 @@ def engine(args: argparse.Namespace, results: dict) -> None:
     cfg = EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
                        max_num_seqs=8)
     eng = LLMEngine(cfg)
-    (prompt,) = random_prompts(1, 32, eng.arch.vocab_size)
-    eng.add_request("r", None, prompt, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True))
-    for _ in range(128):
-        eng.step()
+    warm = 20
+    requests = iter(range(1 << 30))
+
+    def fresh_request() -> None:
+        """A new sequence of `args.context` prompt tokens, prefilled and `warm` steps into its decode, so that every
+        variant is timed over the same contexts (a fresh random prompt: nothing comes from the prefix cache)."""
+        for rid in list(eng.requests):
+            eng.abort_request(rid)
+        n = next(requests)
+        (prompt,) = random_prompts(1, args.context, eng.arch.vocab_size, seed=n)
+        eng.add_request(f"r{n}", None, prompt, SamplingParams(temperature=0, max_tokens=warm + args.steps + 8,
+                                                               ignore_eos=True))
+        for _ in range(1 + warm):
+            eng.step()
+
+    fresh_request()
     shape = decode_graph_shape(cfg, eng.device, eng.runner.attn, eng.max_model_len)
     assert shape is not None
     if not eng.model.model.norms_folded:
@@ -226,13 +240,13 @@ def engine(args: argparse.Namespace, results: dict) -> None:
     for _ in range(2):
         for v in variants:
             recapture(v)
-            for _ in range(20):
-                eng.step()
+            fresh_request()
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(args.steps):
                 eng.step()
             torch.cuda.synchronize()
+            assert eng.has_unfinished_requests()  # every step timed was a decode step
             step_ms = (time.perf_counter() - t) / args.steps * 1e3
             replay_ms = _replay_ms(eng.runner.graphs.graphs[1])
             timings[v].append({"step_ms": step_ms, "replay_ms": replay_ms})
@@ -253,6 +267,7 @@ def main() -> None:
     ap.add_argument("--no-products", action="store_true")
     ap.add_argument("--skip", action="store_true", help="with --engine: also time steps without each short kernel")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--context", type=int, default=160, help="prompt tokens of the --engine sequences")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}

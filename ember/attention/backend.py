@@ -65,8 +65,9 @@ class AttentionBackend(ABC):
 
     def forward_from_hidden(
         self,
-        x: torch.Tensor,  # [num_tokens, hidden]: the layer's input, before the qkv product
-        qkv_proj: torch.nn.Module,  # rows: the q heads', then the k heads', then the v heads'
+        x: torch.Tensor,  # [1, hidden]: the layer's input for one token, before the qkv product
+        qkv_weight: torch.Tensor,  # [rows, hidden], the q heads' rows, then the k heads', then the v heads'
+        qkv_bias: torch.Tensor | None,
         num_heads: int,
         num_kv_heads: int,
         k_cache: torch.Tensor,
@@ -78,8 +79,9 @@ class AttentionBackend(ABC):
         positions: torch.Tensor,
         rms_eps: float | None = None,  # x is normalised inside the product (`Linear`'s rms_eps)
     ) -> torch.Tensor | None:
-        """`forward` of the qkv product of x, where this backend fuses the product with what follows it; None
-        where it does not (the caller then runs the product and `forward`)."""
+        """`forward` of the qkv product of one token x, where this backend fuses the product with what follows it
+        (the caller has checked that the batch-1 GEMV serves the product); None where it does not (the caller
+        then runs the product and `forward`)."""
         return None
 
 

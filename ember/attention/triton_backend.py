@@ -10,7 +10,6 @@ import torch
 from ember.attention.backend import AttentionBackend, AttentionMetadata
 from ember.kernels.paged_attention import paged_attention
 from ember.kernels.store_kv import rotary_store_kv, store_kv
-from ember.model.linear import Linear
 
 if TYPE_CHECKING:
     from ember.model.layers import RotaryEmbedding
@@ -56,16 +55,15 @@ class TritonAttention(AttentionBackend):
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                meta.max_query_len, scale, counters=self._split_counters(q.device))
 
-    def forward_from_hidden(self, x, qkv_proj, num_heads, num_kv_heads, k_cache, v_cache, meta, scale, *, rotary,
-                            positions, rms_eps=None) -> torch.Tensor | None:
-        """One token through the batch-1 GEMV: rotary and the KV store run in the qkv product's epilogue
-        (`ember.kernels.gemv_qkv`), then attention; one launch fewer than the product and `forward`."""
-        gemv = qkv_proj.gemv_kernels(x) if isinstance(qkv_proj, Linear) else None
-        if gemv is None or not gemv.FUSE_ROTARY_KV:
-            return None
+    def forward_from_hidden(self, x: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None,
+                            num_heads: int, num_kv_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            meta: AttentionMetadata, scale: float, *, rotary: RotaryEmbedding, positions: torch.Tensor,
+                            rms_eps: float | None = None) -> torch.Tensor | None:
+        """Rotary and the KV store in the qkv product's epilogue (`ember.kernels.gemv_qkv`), then attention: one
+        launch fewer than the product and `forward`."""
         from ember.kernels.gemv_qkv import gemv_rotary_store_kv
 
-        q = gemv_rotary_store_kv(x, qkv_proj.weight, qkv_proj.bias, num_heads, num_kv_heads, k_cache, v_cache,
+        q = gemv_rotary_store_kv(x, qkv_weight, qkv_bias, num_heads, num_kv_heads, k_cache, v_cache,
                                  meta.slot_mapping, positions, rotary.cos_cache, rotary.sin_cache, rms_eps=rms_eps)
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                                meta.max_query_len, scale, counters=self._split_counters(q.device))

@@ -36,7 +36,7 @@ FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "0") == "1"
 # `EMBER_GEMV_ROTARY_KV=1`: rotary and the KV-cache store in the qkv product's epilogue (`ember.kernels.gemv_qkv`;
 # being measured).
 FUSE_ROTARY_KV = os.environ.get("EMBER_GEMV_ROTARY_KV", "0") == "1"
-# `EMBER_GEMV_FOLD_NORMS=1`: a batch-1 step's RMSNorms run inside the products that follow them (being measured).
+# `EMBER_GEMV_FOLD_NORMS=1`: a batch-1 step's per-layer RMSNorms run inside the products after them (being measured).
 FOLD_NORMS = os.environ.get("EMBER_GEMV_FOLD_NORMS", "0") == "1"
 
 

@@ -5,7 +5,8 @@
 Neox rotary mixes element j of a head with element j + head_dim/2, so each program takes exactly those two rows
 of W (one pair of one head): it holds both results, rotates them and writes them where they go, q to the query
 buffer the attention reads and k and v to their cache slot. The results are rounded to the activation dtype
-before rotating and cos/sin go through it too, as in the unfused path, whose arithmetic this repeats.
+before rotating and cos/sin go through it too, as in the unfused path, whose arithmetic this repeats. No L2
+prefetch here (`gemv.PREFETCH_BYTES`, off by default, is ignored).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ember.kernels.pdl import pdl_launch_args
 
 
 @triton.jit
-def _gemv_rotary_kv_kernel(
+def _gemv_rotary_store_kv_kernel(
     x_ptr, w_ptr, bias_ptr, q_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, pos_ptr, cos_ptr, sin_ptr,
     K, stride_wn, rms_eps, num_heads, num_kv_heads,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_c,
@@ -78,11 +79,11 @@ def gemv_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     half = head_dim // 2
     n, k = weight.shape
     assert x.shape == (1, k) and n == (num_heads + 2 * num_kv_heads) * head_dim, (x.shape, weight.shape)
-    assert half & (half - 1) == 0 and k_cache.shape[2] == num_kv_heads and k_cache.stride(-1) == 1
+    assert k_cache.shape[2] == num_kv_heads and k_cache.stride(-1) == 1
     assert v_cache.stride(-1) == 1 and cos_cache.stride(-1) == 1 and sin_cache.stride(0) == cos_cache.stride(0)
     q = torch.empty(1, num_heads, head_dim, dtype=x.dtype, device=x.device)
     config = default_config(n, k)
-    _gemv_rotary_kv_kernel[((num_heads + 2 * num_kv_heads) * half,)](
+    _gemv_rotary_store_kv_kernel[((num_heads + 2 * num_kv_heads) * half,)](
         x, weight, bias if bias is not None else weight, q, k_cache, v_cache, slot_mapping, positions, cos_cache,
         sin_cache, k, weight.stride(0), rms_eps or 0.0, num_heads, num_kv_heads,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),

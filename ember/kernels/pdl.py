@@ -11,6 +11,8 @@ between two kernels.
 Short kernels of a single wave (`pdl_small_kernel_args`) release their dependents as they start instead: all
 their programs are resident at once, so the next kernel's programs take only SM slots nobody else is waiting
 for, and a product after them (`ember/kernels/gemv.py`) can start fetching its weights while they run.
+(`EMBER_PDL_EARLY=all`, being measured, lets kernels of more than one wave release early too: the next kernel
+still launches only once every program has started, so the waiting programs never hold back the current ones.)
 
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
@@ -72,7 +74,7 @@ def pdl_launch_args(device: torch.device) -> dict[str, bool]:
 
 def pdl_small_kernel_args(device: torch.device, programs: int) -> dict[str, bool]:
     """`pdl_launch_args` of a kernel that also takes `RELEASE_EARLY`: true where it has no more `programs` than
-    the GPU has SMs (one wave whatever each program's size)."""
+    the GPU has SMs (one wave whatever each program's size), or for any number with `EMBER_PDL_EARLY=all`."""
     pdl = use_pdl(device)
     early = pdl and EARLY_RELEASE and (EARLY_RELEASE_ANY_SIZE or programs <= sm_count(device))
     return {"USE_PDL": pdl, "launch_pdl": pdl, "RELEASE_EARLY": early}

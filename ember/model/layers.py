@@ -151,7 +151,9 @@ class GatedMLP(nn.Module):
         """`rms_eps`: normalise x inside gate_up_proj (the norm's weight folded into it); `residual`: added inside
         down_proj (one rank only)."""
         assert residual is None or not self.tp.enabled
-        if rms_eps is not None:  # (only a Linear takes rms_eps and residual; an Fp8Linear does not)
+        # (Only a Linear takes rms_eps and residual; an Fp8Linear does not. The SiLU·mul GEMV option does not
+        # normalise, so folded norms go without it.)
+        if rms_eps is not None:
             h = silu_mul(self.gate_up_proj(x, rms_eps=rms_eps))
         else:
             h = self._fused_gate_up(x)

@@ -41,8 +41,9 @@ class Linear(nn.Linear):
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                rms_eps: float | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`Linear.forward` without the GEMV, and the GEMV's torch twin: `F.linear` of x RMS-normalised (in fp32,
-    rounded to x's dtype as RMSNorm rounds before its weight) where `rms_eps` is given, plus `residual`."""
+    """`Linear.forward` without the GEMV, and the GEMV's torch twin (the same function, rounded differently: the
+    GEMV scales its fp32 sums and rounds once): `F.linear` of x RMS-normalised (in fp32, rounded to x's dtype as
+    RMSNorm rounds before its weight) where `rms_eps` is given, plus `residual`."""
     if rms_eps is not None:
         h = x.float()
         x = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms_eps)).to(x.dtype)

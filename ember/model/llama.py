@@ -32,11 +32,15 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata, attn: AttentionBackend, *, rms_eps: float | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """`rms_eps`: normalise x inside qkv_proj (the norm's weight folded into it); `residual`: added inside
-        o_proj (one rank only: the sum over ranks would add it once per rank). Both take folded norms."""
+        """`rms_eps` (folded norms, `LlamaForCausalLM.fold_norms`): x is normalised inside qkv_proj; `residual`:
+        added inside o_proj (one rank only: the sum over ranks would add it once per rank)."""
         assert residual is None or not self.tp.enabled
-        o = attn.forward_from_hidden(x, self.qkv_proj, self.num_heads, self.num_kv_heads, kv_cache[0], kv_cache[1],
-                                     meta, self.scale, rotary=self.rotary, positions=positions, rms_eps=rms_eps)
+        o = None
+        gemv = self.qkv_proj.gemv_kernels(x) if isinstance(self.qkv_proj, Linear) else None
+        if gemv is not None and gemv.FUSE_ROTARY_KV:
+            o = attn.forward_from_hidden(x, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads,
+                                         self.num_kv_heads, kv_cache[0], kv_cache[1], meta, self.scale,
+                                         rotary=self.rotary, positions=positions, rms_eps=rms_eps)
         if o is None:
             # (Only a Linear takes rms_eps and residual; an Fp8Linear does not.)
             qkv = self.qkv_proj(x) if rms_eps is None else self.qkv_proj(x, rms_eps=rms_eps)

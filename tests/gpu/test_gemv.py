@@ -115,6 +115,18 @@ def test_gemv_rotary_store_kv_matches_the_unfused_path(dtype: torch.dtype, heads
     for got, want in ((kc, kc_ref), (vc, vc_ref)):
         assert torch.equal(got.isnan(), want.isnan())
         assert (got.float().nan_to_num() - want.float().nan_to_num()).abs().max().item() <= tol
+    # Against the kernels it replaces (the GEMV, then the rotary KV store): the same sums, rounded alike, so v is
+    # stored bit for bit and q and k differ at most by a last-place rounding of the rotation.
+    from ember.kernels.store_kv import rotary_store_kv
+
+    q2, k2, v2 = (t.view(1, -1, head_dim) for t in gemv(x, w, b, rms_eps=eps).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    kc2, vc2 = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    rotary_store_kv(q2, k2, v2, kc2, vc2, slots, pos, rot.cos_cache, rot.sin_cache)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    torch.testing.assert_close(vc, vc2, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(got_q, q2, rtol=ulp, atol=1e-6)
+    torch.testing.assert_close(kc, kc2, rtol=ulp, atol=1e-6, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

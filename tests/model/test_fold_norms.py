@@ -41,8 +41,6 @@ def test_folded_norms_give_the_same_tokens(tmp_path: Path, tiny_checkpoints, mon
                         lambda self, *a: folded_steps.append(1) or original(self, *a))
     with LLM(str(path), **kw) as llm:
         llm.engine.model.fold_norms()
-        layer = llm.engine.model.model.layers[0]
-        assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
         got_batch = _generate(llm, PROMPTS)
         assert not folded_steps  # several sequences a step: the multi-token path, with weightless norms
         got_alone = [_generate(llm, [p])[0] for p in PROMPTS]
