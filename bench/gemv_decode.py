@@ -221,8 +221,10 @@ def engine(args: argparse.Namespace, results: dict) -> None:
         eng.runner.enable_cuda_graphs(*shape)
 
     # Logits of one replay per variant on the same inputs (a replay rewrites the same KV slot with the same values).
+    chosen = args.variants or list(VARIANTS)
+    assert "cublas" in chosen and set(chosen) <= set(VARIANTS), chosen
     logits = {}
-    for v in VARIANTS:
+    for v in chosen:
         recapture(v)
         eng.runner.graphs.graphs[1].replay()
         logits[v] = eng.runner.graphs.outputs[1][0].float().clone()
@@ -235,7 +237,7 @@ def engine(args: argparse.Namespace, results: dict) -> None:
     wbytes = model_weight_bytes(eng.model)
     roof_ms = wbytes / copy_bw * 1e3
     print(f"copy {copy_bw / 1e9:,.0f} GB/s, weights {wbytes / 1e9:.2f} GB: roofline {roof_ms:.3f} ms a step")
-    variants = list(VARIANTS) + ([f"gemv-skip-{name}" for name in SKIPPED] if args.skip else [])
+    variants = chosen + ([f"gemv-skip-{name}" for name in SKIPPED] if args.skip else [])
     timings: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(2):
         for v in variants:
@@ -265,6 +267,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--engine", action="store_true")
     ap.add_argument("--no-products", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=None, help=f"with --engine: some of {', '.join(VARIANTS)}")
     ap.add_argument("--skip", action="store_true", help="with --engine: also time steps without each short kernel")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--context", type=int, default=160, help="prompt tokens of the --engine sequences")
