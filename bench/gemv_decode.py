@@ -8,14 +8,14 @@ shape, and all of them with the lm_head in one graph: cuBLAS (`F.linear`) agains
 (nothing runs ahead of it here, so a prefetch has nothing to overlap). `--sweep` times a grid of launch shapes per
 projection and prints the fastest.
 
-`--engine`: whole decode steps of the engine at batch 1, the decode graphs re-captured for each variant (cuBLAS;
-GEMV; short kernels releasing as they start whatever their size, or late; 8 MB prefetched; RMSNorms inside the
-products, `LlamaForCausalLM.fold_norms`: the weights are folded for every variant, which computes the same
-function with weightless norms; rotary + KV store inside the qkv product), two alternating rounds, beside the HBM
-roofline measured now. Each variant is timed on a fresh sequence, at contexts `--context` + 20 to + 20 +
-`--steps`. The logits of one replay of each variant are compared with cuBLAS's. `--skip` adds steps with the
-launches of one kind of short kernel left out (attention, rotary + KV store, RMSNorm, SiLU·mul, all of them):
-what each costs in the chain.
+`--engine`: whole decode steps of the engine at batch 1, the decode graphs re-captured for each variant (`VARIANTS`:
+cuBLAS; the GEMV as ember runs it; rotary + KV store as their own kernel; short kernels releasing early only
+within one wave, or late; 8 MB prefetched; RMSNorms inside the products, `LlamaForCausalLM.fold_norms`: the
+weights are folded for every variant, which computes the same function with weightless norms), two alternating
+rounds, beside the HBM roofline measured now. Each variant is timed on a fresh sequence, at contexts `--context`
++ 20 to + 20 + `--steps`. The logits of one replay of each variant are compared with cuBLAS's. `--skip` adds steps
+with the launches of one kind of short kernel left out (attention, rotary + KV store, RMSNorm, SiLU·mul, all of them;
+from `SKIP_BASE`, where each is its own launch): what each costs in the chain.
 """
 
 from __future__ import annotations
@@ -120,26 +120,29 @@ def products(args: argparse.Namespace, results: dict) -> None:
 
 @dataclass(frozen=True)
 class Variant:
+    """One way to run the batch-1 step; the defaults are ember's."""
+
     gemv: bool = True  # False: cuBLAS
     prefetch_mb: int = 0  # of each weight, into L2 before the wait
-    early: str = "wave"  # short kernels release: "late" after their loads, "wave" as they start if their programs
-    # fit one wave, "all" as they start
+    # Short kernels release: "late" after their loads, "wave" as they start if their programs fit one wave,
+    # "all" as they start.
+    early: str = "all"
     silu: bool = False  # SiLU·mul inside the gate/up GEMV
     fold: bool = False  # RMSNorms inside the products (`LlamaForCausalLM.fold_norms`)
-    rotary_kv: bool = False  # rotary + KV store inside the qkv GEMV (`ember.kernels.gemv_qkv`)
+    rotary_kv: bool = True  # rotary + KV store inside the qkv GEMV (`ember.kernels.gemv_qkv`)
 
 
 VARIANTS = {
     "cublas": Variant(gemv=False),
     "gemv": Variant(),
-    "gemv_early_all": Variant(early="all"),
+    "gemv_separate_rotary_kv": Variant(rotary_kv=False),
+    "gemv_wave": Variant(early="wave"),
     "gemv_late": Variant(early="late"),
     "gemv_pf8": Variant(prefetch_mb=8),
     "gemv_fold": Variant(fold=True),
-    "gemv_rotary_kv": Variant(rotary_kv=True),
-    "gemv_fold_rotary_kv": Variant(fold=True, rotary_kv=True),
-    "gemv_fold_rotary_kv_all": Variant(fold=True, rotary_kv=True, early="all"),
 }
+# The base of the --skip variants: every short kernel its own launch.
+SKIP_BASE = "gemv_separate_rotary_kv"
 
 
 def _set(variant: str, model: torch.nn.Module) -> None:
@@ -237,7 +240,7 @@ def engine(args: argparse.Namespace, results: dict) -> None:
     wbytes = model_weight_bytes(eng.model)
     roof_ms = wbytes / copy_bw * 1e3
     print(f"copy {copy_bw / 1e9:,.0f} GB/s, weights {wbytes / 1e9:.2f} GB: roofline {roof_ms:.3f} ms a step")
-    variants = chosen + ([f"gemv-skip-{name}" for name in SKIPPED] if args.skip else [])
+    variants = chosen + ([f"{SKIP_BASE}-skip-{name}" for name in SKIPPED] if args.skip else [])
     timings: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for _ in range(2):
         for v in variants:

@@ -10,10 +10,13 @@ it loads its first tile of W (weights are never written while a model serves, so
 the short kernels release their dependents as they start (`pdl_small_kernel_args`), so its programs are resident
 and reading while those kernels run.
 
-Two options measured and left off by default (docs/PERFORMANCE.md, eighth session): prefetching each weight's
-first `PREFETCH_BYTES` into L2 (`cp.async.bulk.prefetch.L2`) before the wait (`EMBER_GEMV_PREFETCH_MB`; 8 MB
-gained 0.07 ms a step on an H100 with a narrower launch shape, lost 0.02 ms on an H200 with this one), and
-SiLU·mul inside the gate/up product (`gemv_silu_mul`, `EMBER_GEMV_SILU=1`: 0.03 ms slower on an H200).
+The qkv product takes rotary and the KV store in its epilogue (`ember/kernels/gemv_qkv.py`). Options measured
+and left off by default (docs/PERFORMANCE.md, eighth and ninth sessions): prefetching each weight's first
+`PREFETCH_BYTES` into L2 (`cp.async.bulk.prefetch.L2`) before the wait (`EMBER_GEMV_PREFETCH_MB`; 8 MB gained
+0.07 ms a step on an H100 with a narrower launch shape, lost 0.02 ms on an H200 with this one), SiLU·mul inside
+the gate/up product (`gemv_silu_mul`, `EMBER_GEMV_SILU=1`: 0.03 ms slower on an H200), and RMSNorm inside the
+products (`EMBER_GEMV_FOLD_NORMS=1`, x normalised and the residual added in the epilogue: 0.055 ms slower on an
+H100).
 `EMBER_GEMV=0` sends every product to cuBLAS (the baseline when measuring this kernel).
 """
 
@@ -33,10 +36,11 @@ PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "0")) * (1 <
 # A product after attention (o_proj) follows the longest gap of a layer (rotary + KV store + attention).
 AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "0")) * (1 << 20))
 FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "0") == "1"
-# `EMBER_GEMV_ROTARY_KV=1`: rotary and the KV-cache store in the qkv product's epilogue (`ember.kernels.gemv_qkv`;
-# being measured).
-FUSE_ROTARY_KV = os.environ.get("EMBER_GEMV_ROTARY_KV", "0") == "1"
-# `EMBER_GEMV_FOLD_NORMS=1`: a batch-1 step's per-layer RMSNorms run inside the products after them (being measured).
+# Rotary and the KV-cache store in the qkv product's epilogue (`ember.kernels.gemv_qkv`): 0.03 ms a step faster
+# on an H100 (docs/PERFORMANCE.md, ninth session); `EMBER_GEMV_ROTARY_KV=0` runs them as their own kernel.
+FUSE_ROTARY_KV = os.environ.get("EMBER_GEMV_ROTARY_KV", "1") != "0"
+# `EMBER_GEMV_FOLD_NORMS=1`: a batch-1 step's per-layer RMSNorms run inside the products after them (0.055 ms a
+# step slower on an H100, ninth session: off).
 FOLD_NORMS = os.environ.get("EMBER_GEMV_FOLD_NORMS", "0") == "1"
 
 
