@@ -120,19 +120,28 @@ def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constex
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
-                 rms_eps, HAS_BIAS: tl.constexpr, RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
-    offs_n, offs_n_safe = program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N, PREFETCH, NUM_THREADS)
-    y, squares = row_dot_products(x_ptr, w_ptr + offs_n_safe[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, True,
+def product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 USE_PDL: tl.constexpr, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """`rows` (int64) of W times x, RMS-normalised where RMS_NORM, plus their bias where HAS_BIAS: fp32."""
+    y, squares = row_dot_products(x_ptr, w_ptr + rows[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, True,
                                   RMS_NORM)
     if RMS_NORM:
         # W·(x / rms(x)) = (W·x) / rms(x): the norm is a scalar per row of x, so every program applies it after
         # its own pass over x, with no extra read.
         y = y * tl.rsqrt(squares / K + rms_eps)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)
+        y += tl.load(bias_ptr + rows).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, N, K, stride_wn, row_bytes, prefetch_programs,
+                 rms_eps, HAS_BIAS: tl.constexpr, RMS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
+    offs_n, offs_n_safe = program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N, PREFETCH, NUM_THREADS)
+    y = product_rows(x_ptr, w_ptr, offs_n_safe, stride_wn, K, rms_eps, bias_ptr, BLOCK_K, EVEN_K, USE_PDL, RMS_NORM,
+                     HAS_BIAS)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offs_n_safe).to(tl.float32)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels.gemv import default_config, row_dot_products
+from ember.kernels.gemv import default_config, product_rows
 from ember.kernels.pdl import pdl_launch_args
 
 
@@ -32,12 +32,8 @@ def _gemv_rotary_store_kv_kernel(
     j = pid % HALF
     pair = tl.arange(0, 2)
     rows = (head * 2 * HALF + j + pair * HALF).to(tl.int64)
-    y, squares = row_dot_products(x_ptr, w_ptr + rows[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, True,
-                                  RMS_NORM)
-    if RMS_NORM:
-        y = y * tl.rsqrt(squares / K + rms_eps)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows).to(tl.float32)
+    y = product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, BLOCK_K, EVEN_K, USE_PDL, RMS_NORM,
+                     HAS_BIAS)
     dtype = q_ptr.dtype.element_ty
     y = y.to(dtype).to(tl.float32)
     if head < num_heads + num_kv_heads:  # q and k rotate; v does not
