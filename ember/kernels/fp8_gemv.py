@@ -34,7 +34,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, N, K, stride_wn
                      PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
     # The 16-bit GEMV's loop; FP8 rows are `stride_wn` bytes.
     offs_n, offs_n_safe = program_rows(w_ptr, N, stride_wn, prefetch_programs, BLOCK_N, PREFETCH, NUM_THREADS)
-    y, _ = row_dot_products(x_ptr, w_ptr + offs_n_safe[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, False)
+    y, _, _ = row_dot_products(x_ptr, w_ptr + offs_n_safe[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, False)
     y = y * tl.load(scale_ptr + offs_n_safe)
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n_safe).to(tl.float32)

@@ -96,12 +96,21 @@ def program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N: tl.constexpr, 
 
 @triton.jit
 def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
-                     EVICT_FIRST: tl.constexpr, SQUARES: tl.constexpr = False):
+                     EVICT_FIRST: tl.constexpr, SQUARES: tl.constexpr = False, addend_rows=None,
+                     residual_rows=None, HAS_BIAS: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False):
     """Rows of W (`w_rows`: a pointer per row, `[BLOCK_N, 1]`) times x, in fp32, with the PDL wait inside: the first
-    tile of W is loaded before it. Returns (the products, the sum of x's squares where SQUARES, else 0)."""
+    tile of W is loaded before it. Returns (the products, the sum of x's squares where SQUARES, else 0, the rows'
+    bias (`addend_rows`, a pointer per row) plus residual (`residual_rows`) where asked, else 0). The bias, never
+    written while serving, is read before the wait, the residual right after it: neither read waits behind the
+    K loop."""
     offs_k = tl.arange(0, BLOCK_K)
     w = _weight_tile(w_rows, offs_k, K, EVEN_K, EVICT_FIRST)  # independent of the kernel ahead: loads during the wait
+    addend = 0.0
+    if HAS_BIAS:
+        addend = tl.load(addend_rows).to(tl.float32)
     pdl_wait(USE_PDL)
+    if HAS_RESIDUAL:
+        addend += tl.load(residual_rows).to(tl.float32)
     # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
     x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     acc = w.to(tl.float32) * x[None, :]
@@ -116,21 +125,23 @@ def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constex
     sum_squares = 0.0
     if SQUARES:
         sum_squares = tl.sum(squares, axis=0)
-    return tl.sum(acc, axis=1), sum_squares
+    return tl.sum(acc, axis=1), sum_squares, addend
 
 
 @triton.jit
-def product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                 USE_PDL: tl.constexpr, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """`rows` (int64) of W times x, RMS-normalised where RMS_NORM, plus their bias where HAS_BIAS: fp32."""
-    y, squares = row_dot_products(x_ptr, w_ptr + rows[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, True,
-                                  RMS_NORM)
+def product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, residual_ptr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr):
+    """`rows` (int64) of W times x, RMS-normalised where RMS_NORM, plus their bias and residual where asked: fp32."""
+    y, squares, addend = row_dot_products(x_ptr, w_ptr + rows[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL,
+                                          True, RMS_NORM, bias_ptr + rows, residual_ptr + rows, HAS_BIAS,
+                                          HAS_RESIDUAL)
     if RMS_NORM:
         # W·(x / rms(x)) = (W·x) / rms(x): the norm is a scalar per row of x, so every program applies it after
         # its own pass over x, with no extra read.
         y = y * tl.rsqrt(squares / K + rms_eps)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows).to(tl.float32)
+    if HAS_BIAS or HAS_RESIDUAL:
+        y += addend
     return y
 
 
@@ -140,10 +151,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, residual_ptr, out_ptr, N, K, stride_wn,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                  PREFETCH: tl.constexpr, NUM_THREADS: tl.constexpr, USE_PDL: tl.constexpr):
     offs_n, offs_n_safe = program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N, PREFETCH, NUM_THREADS)
-    y = product_rows(x_ptr, w_ptr, offs_n_safe, stride_wn, K, rms_eps, bias_ptr, BLOCK_K, EVEN_K, USE_PDL, RMS_NORM,
-                     HAS_BIAS)
-    if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + offs_n_safe).to(tl.float32)
+    y = product_rows(x_ptr, w_ptr, offs_n_safe, stride_wn, K, rms_eps, bias_ptr, residual_ptr, BLOCK_K, EVEN_K,
+                     USE_PDL, RMS_NORM, HAS_BIAS, HAS_RESIDUAL)
     tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 

@@ -32,8 +32,8 @@ def _gemv_rotary_store_kv_kernel(
     j = pid % HALF
     pair = tl.arange(0, 2)
     rows = (head * 2 * HALF + j + pair * HALF).to(tl.int64)
-    y = product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, BLOCK_K, EVEN_K, USE_PDL, RMS_NORM,
-                     HAS_BIAS)
+    y = product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, bias_ptr, BLOCK_K, EVEN_K, USE_PDL,
+                     RMS_NORM, HAS_BIAS, False)
     dtype = q_ptr.dtype.element_ty
     y = y.to(dtype).to(tl.float32)
     if head < num_heads + num_kv_heads:  # q and k rotate; v does not
