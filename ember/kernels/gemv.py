@@ -96,18 +96,18 @@ def program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N: tl.constexpr, 
 
 @triton.jit
 def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
-                     EVICT_FIRST: tl.constexpr, SQUARES: tl.constexpr = False, addend_rows=None,
+                     EVICT_FIRST: tl.constexpr, SQUARES: tl.constexpr = False, bias_rows=None,
                      residual_rows=None, HAS_BIAS: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False):
     """Rows of W (`w_rows`: a pointer per row, `[BLOCK_N, 1]`) times x, in fp32, with the PDL wait inside: the first
     tile of W is loaded before it. Returns (the products, the sum of x's squares where SQUARES, else 0, the rows'
-    bias (`addend_rows`, a pointer per row) plus residual (`residual_rows`) where asked, else 0). The bias, never
+    bias (`bias_rows`, a pointer per row) plus residual (`residual_rows`) where asked, else 0). The bias, never
     written while serving, is read before the wait, the residual right after it: neither read waits behind the
     K loop."""
     offs_k = tl.arange(0, BLOCK_K)
     w = _weight_tile(w_rows, offs_k, K, EVEN_K, EVICT_FIRST)  # independent of the kernel ahead: loads during the wait
     addend = 0.0
     if HAS_BIAS:
-        addend = tl.load(addend_rows).to(tl.float32)
+        addend = tl.load(bias_rows).to(tl.float32)
     pdl_wait(USE_PDL)
     if HAS_RESIDUAL:
         addend += tl.load(residual_rows).to(tl.float32)
