@@ -166,30 +166,19 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, INTER, K, stride_wn, row_bytes,
     row0 = pid * BLOCK_H
     if PREFETCH:
         if pid < prefetch_programs:
-            rows = tl.minimum(BLOCK_H, INTER - row0)
-            prefetch_rows_l2(w_ptr, row0, rows, row_bytes, NUM_THREADS)
-            prefetch_rows_l2(w_ptr, INTER + row0, rows, row_bytes, NUM_THREADS)
+            count = tl.minimum(BLOCK_H, INTER - row0)
+            prefetch_rows_l2(w_ptr, row0, count, row_bytes, NUM_THREADS)
+            prefetch_rows_l2(w_ptr, INTER + row0, count, row_bytes, NUM_THREADS)
     offs_h = row0 + tl.arange(0, BLOCK_H)
-    offs_h_safe = tl.minimum(offs_h, INTER - 1).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    g_rows = w_ptr + offs_h_safe[:, None] * stride_wn
-    u_rows = g_rows + INTER.to(tl.int64) * stride_wn
-    wg = _weight_tile(g_rows, offs_k, K, EVEN_K, True)
-    wu = _weight_tile(u_rows, offs_k, K, EVEN_K, True)
-    pdl_wait(USE_PDL)
-    x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    acc_g = wg.to(tl.float32) * x[None, :]
-    acc_u = wu.to(tl.float32) * x[None, :]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        k = k0 + offs_k
-        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        acc_g += _weight_tile(g_rows, k, K, EVEN_K, True).to(tl.float32) * x[None, :]
-        acc_u += _weight_tile(u_rows, k, K, EVEN_K, True).to(tl.float32) * x[None, :]
-    pdl_release(USE_PDL)
+    # Rows in pairs: gate row h, then its up row INTER + h (h clamped to INTER - 1 as `program_rows` clamps).
+    pair = tl.arange(0, 2 * BLOCK_H)
+    rows = tl.minimum(row0 + pair // 2, INTER - 1).to(tl.int64) + (pair % 2) * INTER.to(tl.int64)
+    y, _, _ = row_dot_products(x_ptr, w_ptr + rows[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL, True)
+    gate, up = tl.split(tl.reshape(y, [BLOCK_H, 2]))
     # Rounded as the unfused path rounds: both products to the output dtype, then SiLU·mul's kernel arithmetic.
     dtype = out_ptr.dtype.element_ty
-    g = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
-    u = tl.sum(acc_u, axis=1).to(dtype)
+    g = gate.to(dtype).to(tl.float32)
+    u = up.to(dtype)
     silu = (g / (1.0 + tl.exp(-g))).to(dtype)
     tl.store(out_ptr + offs_h, silu * u, mask=offs_h < INTER)
 
