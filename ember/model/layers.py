@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel import TensorParallel
-from ember.model.linear import Linear
+from ember.model.linear import Linear, rms_normalise
 
 
 def _fused_ops(x: torch.Tensor):  # noqa: ANN202
@@ -42,11 +42,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     if residual is not None:
         x = x + residual
         residual = x
-    dtype = x.dtype
-    # Normalise in fp32 like the reference implementation, then cast back before the weight.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    out = weight * h.to(dtype)
+    out = weight * rms_normalise(x, eps)
     return out if residual is None else (out, residual)
 
 

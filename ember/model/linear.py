@@ -45,7 +45,13 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     GEMV scales its fp32 sums and rounds once): `F.linear` of x RMS-normalised (in fp32, rounded to x's dtype as
     RMSNorm rounds before its weight) where `rms_eps` is given, plus `residual`."""
     if rms_eps is not None:
-        h = x.float()
-        x = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms_eps)).to(x.dtype)
+        x = rms_normalise(x, rms_eps)
     y = F.linear(x, weight, bias)
     return y if residual is None else y + residual
+
+
+def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x over its root mean square, weightless: in fp32 like the reference implementation, then cast back (an
+    RMSNorm multiplies its weight in after that cast, `ember.model.layers.rms_norm_ref`)."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
