@@ -197,7 +197,7 @@ def engine(args: argparse.Namespace, results: dict) -> None:
                        max_num_seqs=8)
     eng = LLMEngine(cfg)
     warm = 20
-    requests = iter(range(1 << 30))
+    requests = itertools.count()
 
     def fresh_request() -> None:
         """A new sequence of `args.context` prompt tokens, prefilled and `warm` steps into its decode, so that every
