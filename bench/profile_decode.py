@@ -4,8 +4,8 @@
 
 Prints, for one decode step at the given batch and context: each kernel family's device time per step, the
 matmuls' achieved bandwidth (weight bytes over their time, beside the device copy rate measured now), the
-graph replay's wall time, and a whole engine step's wall time (the difference is host work that the GPU waits
-for).
+graph replay's wall time, a whole engine step's wall time (the difference is host work that the GPU waits
+for, and the GPU work outside the graph), and that outside work by name: input copies, sampling, read-back.
 """
 
 from __future__ import annotations
@@ -76,6 +76,20 @@ def main() -> None:
         kernels[name][0] += dev_us / args.steps
         kernels[name][1] += count / args.steps
 
+    # The same for whole engine steps: what runs on the GPU outside the graph (input copies, sampling, the
+    # token read-back), per step, and how much of the step the GPU is busy at all.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            eng.step()
+        torch.cuda.synchronize()
+    outside: dict[str, list[float]] = {}
+    step_busy_us = 0.0
+    for name, (dev_us, count) in kernel_times(prof).items():
+        step_busy_us += dev_us / args.steps
+        in_graph_us, in_graph_calls = kernels.get(name, (0.0, 0.0))
+        extra_calls = count / args.steps - in_graph_calls
+        if extra_calls > 0.5:
+            outside[name] = [round(dev_us / args.steps - in_graph_us, 1), round(extra_calls, 1)]
 
     copy_bw = measure_bandwidth(eng.device)
     wbytes = model_weight_bytes(eng.model)  # as stored: FP8 projections count a byte a value
@@ -86,7 +100,8 @@ def main() -> None:
         "async_scheduling": eng.async_scheduling, "quantization": eng.loaded.quantization,
         "device": torch.cuda.get_device_name(),
         "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),
-        "engine_step_ms": round(step_ms, 3), "families_us": {k: round(v, 1) for k, v in sorted(
+        "engine_step_ms": round(step_ms, 3), "gpu_busy_us_per_engine_step": round(step_busy_us, 1),
+        "outside_graph_us_calls_per_step": outside, "families_us": {k: round(v, 1) for k, v in sorted(
             per_fam.items(), key=lambda kv: -kv[1])},
         "copy_bandwidth_GBps": round(copy_bw / 1e9, 1), "weight_bytes": wbytes,
         "gemm_achieved_GBps": round(wbytes / (gemm_us * 1e-6) / 1e9, 1) if gemm_us else None,

@@ -31,7 +31,7 @@ class SamplingBatch:
 
     seqs: list[Sequence]
     temperature: torch.Tensor | None  # [B] (1.0 on greedy rows, so the division is harmless); None if all greedy
-    greedy: torch.Tensor | None  # [B] bool
+    greedy: torch.Tensor | None  # [B] bool; None unless some rows are greedy and some are not
     all_greedy: bool
     top_k: torch.Tensor | None  # [B] int, vocab size where disabled
     top_p: torch.Tensor | None
@@ -55,7 +55,7 @@ class SamplingBatch:
         return cls(
             seqs=seqs,
             temperature=col(temp, torch.float32),
-            greedy=col(greedy, torch.bool),
+            greedy=col(greedy, torch.bool) if any(greedy) else None,
             all_greedy=False,
             top_k=col([p.top_k if p.top_k > 0 else vocab_size for p in ps], torch.long)
             if any(p.top_k > 0 for p in ps) else None,
@@ -120,17 +120,42 @@ def _top_k_top_p_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tens
     return logits
 
 
-def _sample_random(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Exponential race (argmax p / E, E ~ Exp(1)): one sample per row, each row drawing its own noise."""
+# Below this many rows `argmax_rows` reduces in two passes. torch reduces each row of an argmax in one thread
+# block: one row of a 128k vocabulary took 27 us on an H100, most of a batch-1 step's sampling
+# (bench/profile_decode.py, tenth session).
+_FEW_ROWS = 64
+_ARGMAX_CHUNKS = 256
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` of a [B, V] tensor, the same index whatever the ties (the first maximum; a NaN counts as
+    the maximum). With few rows of a wide vocabulary: the maximum of each of up to 256 chunks of a row first
+    (every SM busy), then the first chunk holding the row's maximum."""
+    b, v = x.shape
+    chunks = _ARGMAX_CHUNKS
+    while v % chunks:
+        chunks //= 2
+    if b >= _FEW_ROWS or chunks < 16 or v < 4096:
+        return x.argmax(dim=-1)
+    width = v // chunks
+    values, index = x.reshape(b, chunks, width).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return (best * width + index.gather(1, best)).squeeze(1)
+
+
+def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Exponential race, one sample per row: argmax p / E with E ~ Exp(1) drawn per token, taken in log space
+    (argmax logit - log E: the softmax would only add a constant per row, and its one-block row reduction
+    cost more than the rest of the sampling at batch 1)."""
     # Every row draws from the device's generator first; seeded rows then overwrite theirs. (Indexing the
     # unseeded rows instead would copy an index list to the device with a blocking copy.)
-    noise = torch.empty_like(probs).exponential_()
+    noise = torch.empty_like(logits).exponential_()
     for i, s in enumerate(seqs):
         if s.generator is not None:
             # The generator lives on the CPU so a seed gives the same stream on every device.
-            row = torch.empty(probs.shape[1]).exponential_(generator=s.generator)
+            row = torch.empty(logits.shape[1]).exponential_(generator=s.generator)
             noise[i].copy_(row, non_blocking=True)
-    return (probs / noise).argmax(dim=-1)
+    return argmax_rows(logits - noise.log_())
 
 
 class Sampler:
@@ -141,13 +166,13 @@ class Sampler:
         """The next token of every row, left on the logits' device (logits are modified in place)."""
         apply_logits_processors(logits, batch.seqs, self.eos_token_ids)
         apply_grammar_masks(logits, [s.grammar for s in batch.seqs])
-        greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy_tokens
-        assert batch.temperature is not None and batch.greedy is not None
-        scaled = _top_k_top_p_min_p(logits / batch.temperature.unsqueeze(1), batch)
-        sampled = _sample_random(scaled.softmax(dim=-1), batch.seqs)
-        return torch.where(batch.greedy, greedy_tokens, sampled)
+            return argmax_rows(logits)
+        assert batch.temperature is not None
+        sampled = _sample_random(_top_k_top_p_min_p(logits / batch.temperature.unsqueeze(1), batch), batch.seqs)
+        if batch.greedy is None:
+            return sampled
+        return torch.where(batch.greedy, argmax_rows(logits), sampled)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] float32, one row per sampled sequence (modified in place)."""

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from ember.engine.sequence import Request, Sequence
-from ember.sampling.sampler import Sampler, SamplingBatch, _top_k_top_p_min_p, apply_logits_processors
+from ember.sampling.sampler import (
+    Sampler,
+    SamplingBatch,
+    _top_k_top_p_min_p,
+    apply_logits_processors,
+    argmax_rows,
+)
 from ember.sampling_params import SamplingParams
 
 V = 8
@@ -105,3 +111,29 @@ def test_logprobs_are_raw_model_logprobs():
     assert lp == pytest.approx(raw[0, 0].item())  # ... but logprobs describe the model itself
     assert rank == int((raw[0] > raw[0, 0]).sum()) + 1
     assert [t for t, _ in top] == raw[0].topk(2).indices.tolist()
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (2, 32000), (1, 50257), (70, 8192), (5, 4096)])
+def test_argmax_rows_matches_argmax_with_ties_and_nan(rows, vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    # Ties across and within chunks: the first maximum wins, as in argmax.
+    x = torch.randint(0, 3, (rows, vocab), generator=g).float()
+    x[0, vocab - 1] = 5.0
+    x[0, vocab // 2 + 1] = 5.0
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert argmax_rows(x)[0] == vocab // 2 + 1
+    x[-1, vocab - 3] = float("nan")
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    x = torch.full((rows, vocab), float("-inf"))
+    x[:, 7] = 0.0
+    assert argmax_rows(x).tolist() == [7] * rows
+
+
+def test_all_random_rows_need_no_greedy_mask():
+    seqs = [make_seq(SamplingParams(temperature=0.8)) for _ in range(3)]
+    batch = SamplingBatch.build(seqs, V, torch.device("cpu"))
+    assert batch.greedy is None and not batch.all_greedy
+    out = Sampler({EOS})(torch.randn(3, V), batch)
+    assert all(0 <= t < V for t in out.token_ids)
