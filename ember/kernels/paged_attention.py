@@ -48,7 +48,7 @@ def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        tile_start = tl.load(query_start_loc_ptr + mid, cache_modifier=".cg") // BLOCK_Q + mid
+        tile_start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
         if tile_start <= pid:
             lo = mid + 1
         else:
@@ -121,18 +121,17 @@ def _unified_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
-    # The step's inputs are read before the wait (see `pdl.py`), through L2 (`.cg`).
     seq = _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq, cache_modifier=".cg")
-    q_len = tl.load(query_start_loc_ptr + seq + 1, cache_modifier=".cg") - q_start
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile = pid - (q_start // BLOCK_Q + seq)
-    if tile * BLOCK_Q >= q_len:  # the grid is an upper bound on the number of tiles; these write nothing
+    if tile * BLOCK_Q >= q_len:  # the grid is an upper bound on the number of tiles
         return
-    seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
+    seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
-    pdl_wait(USE_PDL)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -217,25 +216,22 @@ def _split_kv_decode_kernel(
     USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
 ):
     pdl_release_early(USE_PDL, RELEASE_EARLY)
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    # Before the wait: the step's inputs (see `pdl.py` on what a kernel after a product may read early).
-    q_start = tl.load(query_start_loc_ptr + seq, cache_modifier=".cg")
-    q_len = tl.load(query_start_loc_ptr + seq + 1, cache_modifier=".cg") - q_start
-    seq_len = tl.load(seq_lens_ptr + seq, cache_modifier=".cg")
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
     seg_len = _segment_len(seq_len, num_splits, TILE_N)
     # The splits with keys: short contexts leave the trailing ones empty (seg_len is at least two tiles).
     active = tl.cdiv(seq_len, tl.maximum(seg_len, 1))
     kv_start = split * seg_len
     # Split 0 of an empty context (seq_len 0, q_len 1) still runs, to write zeros as the unified kernel does.
-    # The others without keys leave before the wait: they write nothing.
     if (q_len == 0) | ((split > 0) & (split >= active)):
         return
     kv_end = tl.minimum(kv_start + seg_len, seq_len)
     kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    pdl_wait(USE_PDL)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -245,6 +241,7 @@ def _split_kv_decode_kernel(
     q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask[:, None], other=0.0)
     q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + (seq_len - 1)
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

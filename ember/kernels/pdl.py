@@ -16,11 +16,7 @@ else is waiting for.
 
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
-still reading). One refinement: the products release their dependents only after their own wait
-(`ember/kernels/gemv.py`; cuBLAS's, launched without PDL, when they complete), so once the kernel ahead has
-been released by a product, or is a short kernel released by one, every kernel before that product has
-completed. Attention, which follows the qkv product, reads the step's inputs (lengths, query offsets: written
-before the product) before its wait, through L2.
+still reading).
 """
 
 from __future__ import annotations
