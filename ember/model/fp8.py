@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.model.linear import rms_normalise
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 # An all-zero row would get a zero scale and divide by it.
@@ -96,7 +98,12 @@ class Fp8Linear(nn.Module):
         small = x.shape[0] <= TENSORWISE_MAX_ROWS and x.dtype == torch.bfloat16
         return "tensorwise" if self.tensor_scale is not None and small else "rowwise"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, rms_eps: float | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`rms_eps` and `residual` as `Linear.forward` takes them, applied around the FP8 product (which fuses
+        neither), so that a layer calls either kind of projection the same way."""
+        if rms_eps is not None:
+            x = rms_normalise(x, rms_eps)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         kernel = self.kernel(x2)
@@ -122,7 +129,8 @@ class Fp8Linear(nn.Module):
                                      out_dtype=x.dtype)
             if self.bias is not None:
                 y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if residual is None else y + residual
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

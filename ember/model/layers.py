@@ -147,15 +147,14 @@ class GatedMLP(nn.Module):
         """`rms_eps`: normalise x inside gate_up_proj (the norm's weight folded into it); `residual`: added inside
         down_proj (one rank only)."""
         assert residual is None or not self.tp.enabled
-        # (Only a Linear takes rms_eps and residual; an Fp8Linear does not. The SiLU·mul GEMV option does not
-        # normalise, so folded norms go without it.)
+        # The SiLU·mul GEMV option does not normalise, so folded norms go without it.
         if rms_eps is not None:
             h = silu_mul(self.gate_up_proj(x, rms_eps=rms_eps))
         else:
             h = self._fused_gate_up(x)
             if h is None:
                 h = silu_mul(self.gate_up_proj(x))
-        return self.tp.all_reduce(self.down_proj(h) if residual is None else self.down_proj(h, residual=residual))
+        return self.tp.all_reduce(self.down_proj(h, residual=residual))
 
     def _fused_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
         """SiLU·mul inside the batch-1 GEMV where `Linear` would take that kernel (`ember.kernels.gemv`)."""

@@ -42,8 +42,7 @@ class LlamaAttention(nn.Module):
                                          self.num_kv_heads, kv_cache[0], kv_cache[1], meta, self.scale,
                                          rotary=self.rotary, positions=positions, rms_eps=rms_eps)
         if o is None:
-            # (Only a Linear takes rms_eps and residual; an Fp8Linear does not.)
-            qkv = self.qkv_proj(x) if rms_eps is None else self.qkv_proj(x, rms_eps=rms_eps)
+            qkv = self.qkv_proj(x, rms_eps=rms_eps)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(-1, self.num_heads, self.head_dim)
             k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -52,7 +51,7 @@ class LlamaAttention(nn.Module):
             o = attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, rotary=self.rotary,
                              positions=positions)
         o = o.reshape(-1, self.q_size)
-        return self.tp.all_reduce(self.o_proj(o) if residual is None else self.o_proj(o, residual=residual))
+        return self.tp.all_reduce(self.o_proj(o, residual=residual))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 from ember import LLM, SamplingParams
 from ember.cli import build_parser, engine_config_from_args
 from ember.model.fp8 import FP8, FP8_MAX, Fp8Linear, convert_to_fp8, quantize_rows
+from ember.model.linear import rms_normalise
 
 
 def test_quantize_rows_is_within_half_a_step_and_keeps_zero_rows_finite() -> None:
@@ -152,3 +153,16 @@ def test_fp8_rooflines_put_only_the_projections_at_the_fp8_rate() -> None:
     assert 0.05 < (flops - attn - proj) / (flops - attn) < 0.09
     assert set(fp8.rates()) == {"bandwidth_gb_s", "matmul_tflop_s", "fp8_matmul_tflop_s"}
     assert "fp8_matmul_tflop_s" not in bf16.rates()
+
+
+def test_fp8_linear_takes_linears_norm_and_residual_keywords() -> None:
+    g = torch.Generator().manual_seed(3)
+    linear = nn.Linear(64, 32, bias=True).to(torch.bfloat16)
+    fp8 = Fp8Linear.from_linear(linear)
+    x = (torch.randn(4, 64, generator=g) * 5).to(torch.bfloat16)
+    residual = torch.randn(4, 32, generator=g).to(torch.bfloat16)
+    eps = 1e-5
+    expected = fp8(rms_normalise(x, eps)) + residual
+    assert torch.equal(fp8(x, rms_eps=eps, residual=residual), expected)
+    assert torch.equal(fp8(x, residual=residual), fp8(x) + residual)
+    assert not torch.equal(fp8(x, rms_eps=eps), fp8(x))
