@@ -52,8 +52,8 @@ def main() -> None:
     comp = {"prefill_tokens": 0, "decodes": 0}
     orig_schedule = eng.scheduler.schedule
 
-    def counting_schedule(**kwargs):  # noqa: ANN202, ANN003
-        out = orig_schedule(**kwargs)
+    def counting_schedule(*args, **kwargs):  # noqa: ANN202, ANN002, ANN003
+        out = orig_schedule(*args, **kwargs)
         for item in out.scheduled:
             if item.num_new_tokens == 1 and item.seq.num_computed_tokens >= item.seq.num_prompt_tokens:
                 comp["decodes"] += 1

@@ -101,7 +101,8 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor, *, rms_eps: float | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """`rms_eps` and `residual` as `Linear.forward` takes them, applied around the FP8 product (which fuses
-        neither), so that a layer calls either kind of projection the same way."""
+        neither), so that a layer calls either kind of projection the same way. (Norms are folded into 16-bit
+        weights only: a model's FP8 projections get no `rms_eps` from it.)"""
         if rms_eps is not None:
             x = rms_normalise(x, rms_eps)
         shape = x.shape

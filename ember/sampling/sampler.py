@@ -121,8 +121,9 @@ def _top_k_top_p_min_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tens
 
 
 # Below this many rows `argmax_rows` reduces in two passes. torch reduces each row of an argmax in one thread
-# block: one row of a 128k vocabulary took 27 us on an H100, most of a batch-1 step's sampling
-# (bench/profile_decode.py, tenth session).
+# block: one row of a 128k vocabulary took 27 µs on an H100, most of a batch-1 step's sampling
+# (bench/profile_decode.py, tenth session). From about half the SMs' count of rows, one block a row keeps the GPU
+# busy; 256 chunks a row give even one row about two blocks an SM.
 _FEW_ROWS = 64
 _ARGMAX_CHUNKS = 256
 
@@ -130,7 +131,7 @@ _ARGMAX_CHUNKS = 256
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(-1)` of a [B, V] tensor, the same index whatever the ties (the first maximum; a NaN counts as
     the maximum). With few rows of a wide vocabulary: the maximum of each of up to 256 chunks of a row first
-    (every SM busy), then the first chunk holding the row's maximum."""
+    (enough blocks for every SM), then the first chunk holding the row's maximum."""
     b, v = x.shape
     chunks = _ARGMAX_CHUNKS
     while v % chunks:
@@ -146,7 +147,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 def _sample_random(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Exponential race, one sample per row: argmax p / E with E ~ Exp(1) drawn per token, taken in log space
     (argmax logit - log E: the softmax would only add a constant per row, and its one-block row reduction
-    cost more than the rest of the sampling at batch 1)."""
+    cost more than the rest of the sampling at batch 1). A draw of E = 0 (never on CUDA, whose exponential_
+    excludes it; ~2^-53 a value from a seeded CPU generator) picks its token, as p / E did."""
     # Every row draws from the device's generator first; seeded rows then overwrite theirs. (Indexing the
     # unseeded rows instead would copy an index list to the device with a blocking copy.)
     noise = torch.empty_like(logits).exponential_()

@@ -113,7 +113,9 @@ def test_logprobs_are_raw_model_logprobs():
     assert [t for t, _ in top] == raw[0].topk(2).indices.tolist()
 
 
-@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (2, 32000), (1, 50257), (70, 8192), (5, 4096)])
+# (1, 50257) and (70, 8192) take the one-pass fallback (an odd vocabulary; 64 rows or more).
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (2, 32000), (63, 8192), (5, 4096), (1, 50257),
+                                       (70, 8192)])
 def test_argmax_rows_matches_argmax_with_ties_and_nan(rows, vocab):
     g = torch.Generator().manual_seed(vocab)
     x = torch.randn(rows, vocab, generator=g)
@@ -131,9 +133,19 @@ def test_argmax_rows_matches_argmax_with_ties_and_nan(rows, vocab):
     assert argmax_rows(x).tolist() == [7] * rows
 
 
-def test_all_random_rows_need_no_greedy_mask():
-    seqs = [make_seq(SamplingParams(temperature=0.8)) for _ in range(3)]
-    batch = SamplingBatch.build(seqs, V, torch.device("cpu"))
+def test_wide_vocabulary_sampling_keeps_the_mask_and_the_distribution():
+    # 32 rows of a 32000-wide vocabulary take the two-pass argmax; no row is greedy, so no greedy mask is built.
+    vocab, rows, rounds = 32000, 32, 100
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(vocab, generator=g) * 0.1
+    top = torch.tensor([7, 12345, vocab - 1])
+    logits[top] = torch.tensor([4.0, 3.0, 2.0])
+    expected = torch.tensor([4.0, 3.0, 2.0]).softmax(0)
+    seqs = [make_seq(SamplingParams(temperature=1.0, top_k=3)) for _ in range(rows)]
+    batch = SamplingBatch.build(seqs, vocab, torch.device("cpu"))
     assert batch.greedy is None and not batch.all_greedy
-    out = Sampler({EOS})(torch.randn(3, V), batch)
-    assert all(0 <= t < V for t in out.token_ids)
+    sampler = Sampler({EOS})
+    tokens = torch.cat([torch.tensor(sampler(logits.repeat(rows, 1), batch).token_ids) for _ in range(rounds)])
+    assert set(tokens.tolist()) <= set(top.tolist())
+    freq = torch.stack([(tokens == t).float().mean() for t in top])
+    assert torch.allclose(freq, expected, atol=0.03)
