@@ -10,7 +10,7 @@ Three products (`Fp8Linear.kernel`): batch-1 decode on a GPU keeps its 16-bit ac
 FP8 GEMV (`ember/kernels/fp8_gemv.py`); up to 64 bf16 rows with per-tensor weights go through cuBLASLt's tensor-wise
 FP8 kernel, about twice as fast as its row-wise one at those sizes, each token's scale applied to its output row
 afterwards; larger batches and per-channel weights through the row-wise kernel (`torch._scaled_mm` with a scale
-per token and per weight row). CPUs take a unit-scale FP8 product into fp32, then both scales. A batch-wide
+per token and per weight row). CPUs multiply the FP8 operands in fp32, then apply both scales. A batch-wide
 activation scale would save that row scaling, but would let one row's outliers (a prompt's first token, a CUDA
 graph's padding rows) coarsen every other row's quantization.
 """
@@ -84,9 +84,8 @@ class Fp8Linear(nn.Module):
         """Which product serves activations `x` [M, K]: "gemv" (one 16-bit row, left unquantized, on a GPU),
         "tensorwise" (up to 64 bf16 rows on a GPU with per-tensor weights: cuBLASLt's tensor-wise kernel, the
         token scales applied to its output rows), "rowwise" (cuBLASLt's row-wise kernel: larger batches, fp16,
-        per-channel weights) or "cpu" (an FP8 product with unit scales into fp32, then both scales: torch
-        2.11's CPU build takes per-tensor scales only). All but the GEMV quantize the activations per
-        token."""
+        per-channel weights) or "cpu" (the FP8 operands multiplied in fp32, then both scales). All but the GEMV
+        quantize the activations per token."""
         if not x.is_cuda:
             return "cpu"
         if x.dtype not in (torch.bfloat16, torch.float16):
@@ -122,8 +121,9 @@ class Fp8Linear(nn.Module):
                                      out_dtype=x.dtype)
                 y.mul_(x_scale)
             elif kernel == "cpu":
-                y = torch._scaled_mm(xq, self.weight.t(), scale_a=self.unit_scale, scale_b=self.unit_scale,
-                                     out_dtype=torch.float32)
+                # FP8 values are exact in fp32, so this is the FP8 product with fp32 accumulation; the CPU
+                # build's `_scaled_mm` computes the same about 70x slower (a naive loop).
+                y = xq.float() @ self.weight.float().t()
                 y = (y * x_scale * self.weight_scale).to(x.dtype)
             else:
                 y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
