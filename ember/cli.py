@@ -193,6 +193,9 @@ def add_serve(sub: Subparsers) -> None:
     # carry the flag must still start. It changes nothing.
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility; auto tool choice is always on")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine's step loop in a process of its own, so that HTTP work never holds the "
+                        "GIL it needs (default: on with CUDA)")
     p.add_argument("--disable-log-requests", action="store_true", help="no structured line per API request")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="HTTP server logging")
@@ -249,7 +252,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
                         max_request_body_bytes=args.max_request_body_bytes,
                         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
                         log_requests=not args.disable_log_requests, uvicorn_log_level=args.uvicorn_log_level,
-                        access_log=not args.disable_uvicorn_access_log, tool_call_parser=args.tool_call_parser)
+                        access_log=not args.disable_uvicorn_access_log, tool_call_parser=args.tool_call_parser,
+                        engine_process=args.engine_process)
 
 
 def _seconds_since_process_start() -> float | None:

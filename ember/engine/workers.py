@@ -182,7 +182,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     # Ctrl-C in a terminal reaches the whole process group: the driver decides when its workers stop (after
     # draining requests), by a stop message; if it dies instead, the watchdog below ends the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    exit_with_parent()
     try:
         device = _device(config, rank)
         if device.type == "cuda":
@@ -216,9 +216,9 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
         runner.forward_on_worker(step)
 
 
-def _exit_with_parent() -> None:
-    """End this worker when the driver process ends, however it ends (a killed driver sends no stop message, and
-    an idle worker waits for one without a timeout)."""
+def exit_with_parent() -> None:
+    """End this process (a tensor-parallel worker, the engine process) when its parent ends, however it ends (a
+    killed parent sends no stop message, and an idle child waits for one without a timeout)."""
     parent = mp.parent_process()
     if parent is None:
         return
@@ -227,4 +227,4 @@ def _exit_with_parent() -> None:
         parent.join()
         os._exit(0)
 
-    threading.Thread(target=watch, name="ember-tp-watchdog", daemon=True).start()
+    threading.Thread(target=watch, name="ember-parent-watchdog", daemon=True).start()

@@ -41,6 +41,9 @@ class ServerConfig:
     access_log: bool = True
     # How tool_choice "auto" reads calls out of chat output: "auto" detects the format from the chat template.
     tool_call_parser: str = "auto"
+    # The engine's step loop in a process of its own (ember/engine/process_engine.py), or in the server's.
+    # None: its own when the engine runs on CUDA.
+    engine_process: bool | None = None
 
     def __post_init__(self) -> None:
         # Fail at construction, before the model loads, rather than with a 500 on the first request with tools.

@@ -21,13 +21,13 @@ class InjectedFault(RuntimeError):
     """Raised by an engine step on purpose (see ENV_STEP_FAILS_AFTER)."""
 
 
-def install_from_env(async_engine: Any) -> None:
-    """Make `async_engine.engine.step` fail as ENV_STEP_FAILS_AFTER asks; do nothing when it is unset."""
+def install_from_env(engine: Any) -> None:
+    """Make `engine.step` (an LLMEngine's, in the server's process or in the engine process) fail as
+    ENV_STEP_FAILS_AFTER asks; do nothing when it is unset."""
     value = os.environ.get(ENV_STEP_FAILS_AFTER)
     if not value:
         return
     limit = int(value)
-    engine = async_engine.engine
     step: Callable[[], Any] = engine.step
     done = 0
 

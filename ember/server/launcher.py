@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -33,12 +34,24 @@ DEAD_LINGER_S = 2.0
 DEATH_POLL_S = 0.2
 
 
-def default_engine_factory(cfg: EngineConfig) -> Any:
-    from ember.engine.async_engine import AsyncEngine  # imported late: it pulls in torch and the model code
+def default_engine_factory(cfg: EngineConfig, engine_process: bool | None = None) -> Any:
+    """The engine in a process of its own (`ProcessEngine`) or in this one (`AsyncEngine`); `engine_process`
+    None: its own process when it runs on CUDA, where the step loop is fast enough for the HTTP layer's share of
+    the GIL to show (DESIGN §1)."""
+    # Imported late: they pull in torch and the model code.
+    from ember.engine.llm_engine import resolve_device
+
+    if engine_process is None:
+        engine_process = resolve_device(cfg.device).type == "cuda"
+    if engine_process:
+        from ember.engine.process_engine import ProcessEngine
+
+        return ProcessEngine(cfg)
+    from ember.engine.async_engine import AsyncEngine
     from ember.server.faults import install_from_env
 
     engine = AsyncEngine(cfg)
-    install_from_env(engine)
+    install_from_env(engine.engine)
     return engine
 
 
@@ -99,10 +112,11 @@ class EmberServer:
     """`ember serve` in-process. `serve()` returns the exit code; `stop()` may be called from any thread."""
 
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
-                 engine_factory: EngineFactory = default_engine_factory) -> None:
+                 engine_factory: EngineFactory | None = None) -> None:
         self.engine_config = engine_config
         self.server_config = server_config
-        self.engine_factory = engine_factory
+        self.engine_factory = engine_factory or functools.partial(
+            default_engine_factory, engine_process=server_config.engine_process)
         self.app = build_app(None, server_config)
         self.engine: Any = None
         self.url: str | None = None

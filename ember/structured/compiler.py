@@ -51,7 +51,12 @@ class GrammarCompiler:
         """A Lark grammar built by ember itself (tool calling); may embed JSON schemas with `%json {...}`."""
         return self._cached(("lark", lark, True), lambda: llguidance.LLMatcher.grammar_from_lark(lark))
 
-    def _cached(self, key: tuple[str, str, bool], to_grammar: Any) -> LLGuidanceGrammar:
+    def compile_llguidance(self, grammar: str, description: str) -> LLGuidanceGrammar:
+        """A grammar another process compiled (`LLGuidanceGrammar.grammar`), for this process's tokenizer."""
+        return self._cached(("llguidance", grammar, False), lambda: grammar, description)
+
+    def _cached(self, key: tuple[str, str, bool], to_grammar: Any,
+                description: str | None = None) -> LLGuidanceGrammar:
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -66,8 +71,10 @@ class GrammarCompiler:
         matcher, error = build_matcher(lt, grammar)
         if matcher is None:
             raise StructuredOutputError(kind, error)
-        short = text if len(text) <= 60 else text[:57] + "..."
-        spec = LLGuidanceGrammar(matcher, lt, self.eos_token_id, f"{kind}: {short}")
+        if description is None:
+            short = text if len(text) <= 60 else text[:57] + "..."
+            description = f"{kind}: {short}"
+        spec = LLGuidanceGrammar(matcher, lt, self.eos_token_id, description, grammar)
         with self._lock:
             self.misses += 1
             self._cache[key] = spec

@@ -99,8 +99,9 @@ class LLGuidanceGrammar(GrammarSpec):
     """A compiled grammar: validated, ready to hand out matchers."""
 
     def __init__(self, template: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, eos_token_id: int,
-                 description: str) -> None:
+                 description: str, grammar: str) -> None:
         self.template = template
+        self.grammar = grammar  # llguidance's grammar text: what another process needs to compile it again
         self.eos_token_id = eos_token_id
         self.words = bitmask_words(tokenizer.vocab_size)
         self.description = description  # kind and a prefix of the spec, for logs and repr

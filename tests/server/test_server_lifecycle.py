@@ -1,5 +1,6 @@
 """`ember serve` as a supervisor sees it, each in its own process: an engine that dies fails its in-flight
-requests, turns /health to 503 and exits non-zero; SIGTERM lets in-flight requests finish, then exits 0."""
+requests, turns /health to 503 and exits non-zero; SIGTERM lets in-flight requests finish, then exits 0. With
+`--engine-process` (the default on GPUs) the same, and the engine process never outlives the server."""
 
 from __future__ import annotations
 
@@ -67,8 +68,41 @@ def _events(resp: httpx.Response) -> Any:
             yield line[6:]
 
 
-def test_engine_death_fails_requests_and_exits_nonzero() -> None:
-    with _server({ENV_STEP_FAILS_AFTER: "12"}) as (proc, url, log):
+def _children(pid: int, spawned: bool = False) -> list[int]:
+    """Processes whose parent is `pid` (from /proc); `spawned`: only multiprocessing's spawned children (the
+    engine process), not its resource tracker."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                    continue
+                if not spawned or b"spawn_main" in (entry / "cmdline").read_bytes():
+                    kids.append(int(entry.name))
+    return kids
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, not yet reaped by a parent that is itself gone
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+PROCESS_MODES = [pytest.param("--no-engine-process", id="in-process"),
+                 pytest.param("--engine-process", id="engine-process")]
+
+
+@pytest.mark.parametrize("mode", PROCESS_MODES)
+def test_engine_death_fails_requests_and_exits_nonzero(mode: str) -> None:
+    with _server({ENV_STEP_FAILS_AFTER: "12"}, mode) as (proc, url, log):
         body = {"messages": HELLO, "max_tokens": 200, "ignore_eos": True}
         # One request waiting for a JSON answer and one stream, both in flight when the step loop dies.
         plain: dict[str, httpx.Response] = {}
@@ -92,8 +126,11 @@ def test_engine_death_fails_requests_and_exits_nonzero() -> None:
     assert "the engine has died" in log[0] and "InjectedFault" in log[0]
 
 
-def test_sigterm_drains_in_flight_requests() -> None:
-    with _server({}, "--graceful-shutdown-timeout", "120") as (proc, url, log):
+@pytest.mark.parametrize("mode", PROCESS_MODES)
+def test_sigterm_drains_in_flight_requests(mode: str) -> None:
+    with _server({}, "--graceful-shutdown-timeout", "120", mode) as (proc, url, log):
+        kids = _children(proc.pid)
+        assert len(_children(proc.pid, spawned=True)) == (mode == "--engine-process")
         body = {"messages": HELLO, "max_tokens": 64, "ignore_eos": True, "stream": True}
         after_signal = 0
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
@@ -117,7 +154,18 @@ def test_sigterm_drains_in_flight_requests() -> None:
         assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
         assert after_signal > 2
         assert proc.wait(timeout=60) == 0
+        assert all(_gone(k, 10) for k in kids)  # the engine process, and multiprocessing's resource tracker
     assert "shutting down" in log[0]
+
+
+def test_the_engine_process_ends_with_a_killed_server() -> None:
+    """SIGKILL leaves the server no time to stop its engine: the engine process notices and exits by itself."""
+    with _server({}, "--engine-process") as (proc, url, _):
+        (engine_pid,) = _children(proc.pid, spawned=True)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        proc.kill()
+        assert _gone(engine_pid, 30)
 
 
 @pytest.mark.parametrize("grace", ["1"])
