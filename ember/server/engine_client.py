@@ -1,7 +1,7 @@
 """What the HTTP layer needs from the engine, as a structural type.
 
-The server depends on this protocol, not on `AsyncEngine` itself, so the engine core can move into its own
-process later (DESIGN §1) behind a client object with the same surface.
+Two engines provide it: `AsyncEngine` (a step-loop thread in the server's process) and `ProcessEngine` (the
+step loop in a process of its own, DESIGN §1); the server works with either.
 """
 
 from __future__ import annotations
