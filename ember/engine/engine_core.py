@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
@@ -59,11 +60,14 @@ class EngineInfo(NamedTuple):
 # Client -> core: ("add", request_id, prompt, prompt_token_ids, params), ("abort", request_id), ("shutdown",).
 
 
-def request_delta(out: RequestOutput) -> RequestDelta:
+def request_delta(out: RequestOutput, prompt_logprobs_sent: int) -> RequestDelta:
+    """`prompt_logprobs_sent`: positions of the prompt's logprobs sent before (they grow chunk by chunk during a
+    chunked prefill); only the rest goes."""
+    lps = None if out.prompt_logprobs is None else out.prompt_logprobs[prompt_logprobs_sent:]
     return RequestDelta(out.request_id, out.finished,
                         [CompletionDelta(c.index, c.delta_text, c.delta_token_ids, c.delta_logprobs, c.finish_reason,
                                          c.stop_reason) for c in out.outputs],
-                        out.prompt_logprobs, out.num_cached_tokens, out.queue_time_s)
+                        lps, out.num_cached_tokens, out.queue_time_s)
 
 
 def portable_error(e: BaseException) -> BaseException:
@@ -98,6 +102,10 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
         sys.exit(1)
     outputs.send(("ready", EngineInfo(engine.model_name, engine.max_model_len, engine.arch.vocab_size,
                                       engine.tokenizer, engine.stats())))
+    # A grammar arrives as text and is compiled here, in the step loop; the one-time conversion of the tokenizer
+    # for llguidance (~0.3 s) is done now, while the engine waits for its first request.
+    threading.Thread(target=_prepare_grammars, args=(engine.tokenizer,), name="ember-grammar-prep",
+                     daemon=True).start()
     try:
         serve_commands(engine, commands, outputs)
     except BaseException as e:
@@ -112,10 +120,17 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
     engine.close()
 
 
+def _prepare_grammars(tokenizer: Tokenizer) -> None:
+    from ember.structured.llguidance_backend import ll_tokenizer
+
+    ll_tokenizer(tokenizer)
+
+
 def serve_commands(engine: Any, commands: Connection, outputs: Connection) -> None:
     """The step loop. Commands are read between steps; an idle engine blocks on the pipe."""
     from ember.structured.portable import resolve_grammar
 
+    prompt_logprobs_sent: dict[str, int] = {}
     while True:
         if not engine.has_unfinished_requests():
             commands.poll(None)  # wakes on a command or on EOF (then recv raises EOFError below)
@@ -140,6 +155,16 @@ def serve_commands(engine: Any, commands: Connection, outputs: Connection) -> No
                 engine.abort_request(msg[1])
             elif kind == "shutdown":
                 return
-        deltas = [request_delta(o) for o in engine.step()] if engine.has_unfinished_requests() else []
-        if handled or deltas:
-            outputs.send(("update", replies, deltas, engine.stats()))
+        if replies:  # before the step: a refused request need not wait for it
+            outputs.send(("update", replies, [], engine.stats()))
+        deltas = []
+        if engine.has_unfinished_requests():
+            for out in engine.step():
+                rid = out.request_id
+                deltas.append(request_delta(out, prompt_logprobs_sent.get(rid, 0)))
+                if out.finished:
+                    prompt_logprobs_sent.pop(rid, None)
+                elif out.prompt_logprobs is not None:
+                    prompt_logprobs_sent[rid] = len(out.prompt_logprobs)
+        if deltas or (handled and not replies):
+            outputs.send(("update", [], deltas, engine.stats()))

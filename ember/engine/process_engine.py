@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import pickle
 import queue
 import threading
 import time
@@ -44,8 +45,14 @@ class _Accumulated:
         self.token_ids: list[list[int]] = [[] for _ in range(params.n)]
         self.logprobs: list[list[PositionLogprobs] | None] = [
             [] if params.logprobs is not None else None for _ in range(params.n)]
+        # One list for all outputs, growing as the prompt's chunks are prefilled (as the in-process engine's).
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     def apply(self, d: RequestDelta) -> RequestOutput:
+        if d.prompt_logprobs is not None:
+            if self.prompt_logprobs is None:
+                self.prompt_logprobs = []
+            self.prompt_logprobs.extend(d.prompt_logprobs)
         outs = []
         for c in d.outputs:
             i = c.index
@@ -59,8 +66,8 @@ class _Accumulated:
                 index=i, text=self.texts[i], token_ids=list(self.token_ids[i]),
                 logprobs=None if lps is None else list(lps), delta_text=c.text, delta_token_ids=c.token_ids,
                 delta_logprobs=c.logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-        return RequestOutput(d.request_id, self.prompt, self.prompt_token_ids, outs, d.finished, d.prompt_logprobs,
-                             num_cached_tokens=d.num_cached_tokens, queue_time_s=d.queue_time_s)
+        return RequestOutput(d.request_id, self.prompt, self.prompt_token_ids, outs, d.finished,
+                             self.prompt_logprobs, num_cached_tokens=d.num_cached_tokens, queue_time_s=d.queue_time_s)
 
 
 class ProcessEngine:
@@ -78,12 +85,14 @@ class ProcessEngine:
         cmd_recv.close()
         out_send.close()
         # Also at interpreter exit, ahead of multiprocessing's own handler, which would wait for the process.
-        self._finalizer = weakref.finalize(self, _stop_process, self.proc, self._cmd, self._out)
+        self._serving = threading.Event()  # the process reads commands: a stop message reaches it
+        self._finalizer = weakref.finalize(self, _stop_process, self.proc, self._cmd, self._out, self._serving)
         try:
             info = self._wait_ready(ready_timeout_s)
         except BaseException:
             self._finalizer()
             raise
+        self._serving.set()
         self.tokenizer = info.tokenizer
         self.model_name = info.model_name
         self.max_model_len = info.max_model_len
@@ -92,7 +101,7 @@ class ProcessEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._accepting: dict[str, asyncio.Future[None]] = {}
         self._requests: dict[str, _Accumulated] = {}
-        self._sends: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
         self._stopped = False
@@ -135,18 +144,21 @@ class ProcessEngine:
             t.start()
 
     async def shutdown(self) -> None:
-        """Stop the engine process (it finishes the step it is in); idempotent."""
+        """Stop the engine process (it finishes the step it is in); requests still streaming fail with
+        EngineDeadError. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        self._sends.put(("shutdown",))
-        self._sends.put(None)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.proc.join, STOP_TIMEOUT_S)
+        if self._threads:  # the sending thread owns the pipe: the stop message goes after what it has queued
+            self._sends.put(pickle.dumps(("shutdown",)))
+            self._sends.put(None)
+            await loop.run_in_executor(None, self.proc.join, STOP_TIMEOUT_S)
         await loop.run_in_executor(None, self._finalizer)
         for t in self._threads:
             await loop.run_in_executor(None, t.join, 5.0)
         self._threads = []
+        self._fail_all(EngineDeadError("the engine has been shut down"))
 
     # -------------------------------------------------------------------------------------- requests
     async def generate(self, prompt: str | None, prompt_token_ids: list[int] | None, params: SamplingParams,
@@ -172,7 +184,12 @@ class ProcessEngine:
         self._requests[request_id] = _Accumulated(prompt, list(prompt_token_ids), params)
         finished = False
         try:
-            self._sends.put(("add", request_id, prompt, prompt_token_ids, portable_params(params)))
+            # Pickled here, so that a request that cannot cross to the engine process fails on its own.
+            try:
+                add = pickle.dumps(("add", request_id, prompt, prompt_token_ids, portable_params(params)))
+            except Exception as e:
+                raise RequestValidationError(f"the request cannot be sent to the engine process: {e}") from e
+            self._sends.put(add)
             await accepted  # raises RequestValidationError for a request the engine refuses
             while True:
                 item = await stream.get()
@@ -187,10 +204,10 @@ class ProcessEngine:
             self._accepting.pop(request_id, None)
             self._requests.pop(request_id, None)
             if not finished:
-                self._sends.put(("abort", request_id))
+                self._sends.put(pickle.dumps(("abort", request_id)))
 
     async def abort(self, request_id: str) -> None:
-        self._sends.put(("abort", request_id))
+        self._sends.put(pickle.dumps(("abort", request_id)))
 
     def stats(self) -> dict[str, Any]:
         """The engine's counters as of its last step (sent with every step's outputs)."""
@@ -200,7 +217,7 @@ class ProcessEngine:
     def _send_loop(self) -> None:
         while (msg := self._sends.get()) is not None:
             try:
-                self._cmd.send(msg)
+                self._cmd.send_bytes(msg)
             except (OSError, ValueError):  # the process is gone: the receiving thread reports it
                 return
 
@@ -240,18 +257,21 @@ class ProcessEngine:
             error = msg[1]
             logger.error("the engine process has died: %r", error)
             self.dead_error = error
-            dead = EngineDeadError(f"the engine failed: {error!r}")
-            for stream in self._streams.values():
-                stream.put_nowait(dead)
-            for fut in self._accepting.values():
-                if not fut.done():
-                    fut.set_exception(dead)
-            self._accepting.clear()
+            self._fail_all(EngineDeadError(f"the engine failed: {error!r}"))
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+        for fut in self._accepting.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._accepting.clear()
 
 
-def _stop_process(proc: Any, cmd: Connection, out: Connection) -> None:
-    """Ask the engine process to stop, then kill it if it has not (it ignores SIGTERM: see `run_engine_core`)."""
-    if proc.is_alive():
+def _stop_process(proc: Any, cmd: Connection, out: Connection, serving: threading.Event) -> None:
+    """Ask the engine process to stop, then kill it if it has not (it ignores SIGTERM: see `run_engine_core`);
+    one still loading (Ctrl-C during a long load) reads no message: killed at once."""
+    if proc.is_alive() and serving.is_set():
         with contextlib.suppress(OSError, ValueError):
             cmd.send(("shutdown",))
         proc.join(STOP_TIMEOUT_S)

@@ -182,6 +182,9 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     # Ctrl-C in a terminal reaches the whole process group: the driver decides when its workers stop (after
     # draining requests), by a stop message; if it dies instead, the watchdog below ends the worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # An engine process ignores SIGTERM (the server stops it), and its children inherit that: the driver's
+    # `terminate()` of a worker that does not stop must still work.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     exit_with_parent()
     try:
         device = _device(config, rank)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from typing import Any
 
@@ -20,7 +21,9 @@ from ember.engine.process_engine import ProcessEngine
 from ember.outputs import RequestOutput
 from ember.server.faults import ENV_STEP_FAILS_AFTER, InjectedFault
 
-CONFIG = EngineConfig(max_model_len=512, kv_cache_memory_bytes=64 << 20)
+# Async scheduling as on a GPU; prompts over 64 tokens are prefilled in chunks.
+CONFIG = EngineConfig(max_model_len=512, kv_cache_memory_bytes=64 << 20, async_scheduling=True,
+                      max_num_batched_tokens=64)
 
 
 class Loop:
@@ -84,6 +87,35 @@ def test_outputs_match_the_in_process_engine(engine: ProcessEngine, loop: Loop, 
             assert got.token_ids == want.token_ids and got.text == want.text
             assert got.finish_reason == want.finish_reason and got.stop_reason == want.stop_reason
             assert got.logprobs == want.logprobs
+
+
+def test_prompt_logprobs_of_a_chunked_prefill_and_the_prefix_cache(engine: ProcessEngine, loop: Loop,
+                                                                     smol_llm: Any) -> None:
+    """A 200-token prompt prefilled in four chunks: its prompt logprobs arrive chunk by chunk and add up to
+    those of the in-process engine's single pass; the same prompt again is served from the prefix cache."""
+    ids = engine.tokenizer.encode("The history of the sea, told by a sailor. " * 20)[:200]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    outs = loop.run(collect(engine, ids, params, "prompt-lps"))
+    ref = smol_llm.generate(sampling_params=params, prompt_token_ids=[ids])[0].prompt_logprobs
+    got = outs[-1].prompt_logprobs
+    assert got is not None and len(got) == len(ref) == 200
+    assert all(o.prompt_logprobs is got for o in outs)  # one list, grown in place, as in-process
+    for g, r in zip(got[1:], ref[1:], strict=True):
+        assert g is not None and r is not None and list(g) == list(r)
+        assert all(abs(g[t].logprob - r[t].logprob) < 1e-3 for t in g)
+    assert outs[0].queue_time_s is not None and outs[0].num_cached_tokens == 0
+    again = loop.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=2), "prompt-again"))
+    assert again[-1].num_cached_tokens >= 192  # every full block of the prompt
+
+
+def test_a_request_that_cannot_be_sent_fails_alone(engine: ProcessEngine, loop: Loop) -> None:
+    class Local:  # defined in a function: pickle cannot name it
+        pass
+
+    with pytest.raises(RequestValidationError, match="cannot be sent to the engine process"):
+        loop.run(collect(engine, [1, 2, 3], SamplingParams(structured_output=Local()), "unpicklable"))
+    outs = loop.run(collect(engine, [1, 2, 3], SamplingParams(temperature=0, max_tokens=2), "next"))
+    assert outs[-1].finished
 
 
 def test_deltas_add_up_and_earlier_outputs_stay_as_they_were(engine: ProcessEngine, loop: Loop) -> None:
@@ -211,6 +243,25 @@ def test_a_killed_engine_process_fails_its_requests(loop: Loop) -> None:
     finally:
         loop.run(eng.shutdown())
     assert eng.proc.exitcode == -signal.SIGKILL
+
+
+def test_shutdown_fails_the_requests_in_flight_and_needs_no_start(loop: Loop) -> None:
+    eng = ProcessEngine(CONFIG)
+
+    async def go() -> None:
+        gen = eng.generate(None, [1, 2, 3], SamplingParams(max_tokens=400, ignore_eos=True), "cut")
+        await anext(gen)
+        await eng.shutdown()
+        async for _ in gen:
+            pass
+
+    with pytest.raises(EngineDeadError, match="shut down"):
+        loop.run(go())
+    assert eng.proc.exitcode == 0
+    idle = ProcessEngine(CONFIG)  # never started: shut down at once, not after a timeout
+    t = time.monotonic()
+    loop.run(idle.shutdown())
+    assert idle.proc.exitcode == 0 and time.monotonic() - t < 10
 
 
 def test_a_model_that_fails_to_load_is_reported_and_leaves_no_process() -> None:

@@ -32,8 +32,10 @@ HELLO = [{"role": "user", "content": "Tell me a story."}]
 def _start(extra_env: dict[str, str], *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     env.pop("EMBER_API_KEY", None)
+    # A session of its own: a test can signal the whole process group, as a terminal's Ctrl-C or a service
+    # manager does.
     proc = subprocess.Popen([*EMBER, *ARGS, *flags], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT,
-                            env=env)
+                            env=env, start_new_session=True)
     m, seen = read_until(proc, r"ember ready in .* at (http://127\.0\.0\.1:\d+)/v1", timeout=300)
     if m is None:
         proc.kill()
@@ -137,7 +139,8 @@ def test_sigterm_drains_in_flight_requests(mode: str) -> None:
             events = _events(r)
             first = json.loads(next(events))
             assert first["choices"][0]["delta"]["role"] == "assistant"
-            proc.send_signal(signal.SIGTERM)
+            # To the whole group: the engine process must leave its stopping to the server.
+            os.killpg(proc.pid, signal.SIGTERM)
             # No new connections once the shutdown has begun...
             deadline = time.monotonic() + 10
             while True:
