@@ -42,8 +42,9 @@ class ServerConfig:
     # How tool_choice "auto" reads calls out of chat output: "auto" detects the format from the chat template.
     tool_call_parser: str = "auto"
     # The engine's step loop in a process of its own (ember/engine/process_engine.py), or in the server's.
-    # None: its own when the engine runs on CUDA.
-    engine_process: bool | None = None
+    # Off by default: on an H100 it served 256 concurrent streams ~5 % faster, 64 about as fast, and the second
+    # interpreter's imports added ~4 s to the cold start (docs/PERFORMANCE.md, twelfth session).
+    engine_process: bool = False
 
     def __post_init__(self) -> None:
         # Fail at construction, before the model loads, rather than with a 500 on the first request with tools.

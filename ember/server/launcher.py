@@ -34,15 +34,9 @@ DEAD_LINGER_S = 2.0
 DEATH_POLL_S = 0.2
 
 
-def default_engine_factory(cfg: EngineConfig, engine_process: bool | None = None) -> Any:
-    """The engine in a process of its own (`ProcessEngine`) or in this one (`AsyncEngine`); `engine_process`
-    None: its own process when it runs on CUDA, where the step loop is fast enough for the HTTP layer's share of
-    the GIL to show (DESIGN §1)."""
+def default_engine_factory(cfg: EngineConfig, engine_process: bool = False) -> Any:
+    """The engine in a process of its own (`ProcessEngine`) or in this one (`AsyncEngine`)."""
     # Imported late: they pull in torch and the model code.
-    from ember.engine.llm_engine import resolve_device
-
-    if engine_process is None:
-        engine_process = resolve_device(cfg.device).type == "cuda"
     if engine_process:
         from ember.engine.process_engine import ProcessEngine
 
