@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where masks are applied: the HTTP server uses these types without needing torch
+    import torch
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -57,6 +58,8 @@ _BYTE_TABLES: dict[torch.device, torch.Tensor] = {}
 
 def _byte_table(device: torch.device) -> torch.Tensor:
     """[256, 8] float32: row b holds 0.0 where bit k of byte b is set, -inf where it is clear."""
+    import torch
+
     table = _BYTE_TABLES.get(device)
     if table is None:
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
@@ -71,6 +74,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
     mask through a 256-entry byte table: one gather and one add, with no data-dependent branches. On the CPU
     this is ~6x faster than unpacking bits and `masked_fill` on a mixed mask (masked_fill branches per element).
     """
+    import torch
+
     vocab = logits.shape[1]
     device = logits.device
     byte_idx = bitmask.to(device, non_blocking=True).view(torch.uint8).reshape(-1).int()
@@ -87,6 +92,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
 
 def apply_grammar_masks(logits: torch.Tensor, matchers: list[GrammarMatcher | None]) -> None:
     """In place: -inf for every token a row's grammar forbids; one bitmask and one masking op for the batch."""
+    import torch
+
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return

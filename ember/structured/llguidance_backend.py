@@ -10,12 +10,15 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import llguidance
-import torch
 
 from ember.sampling.grammar import GrammarMatcher, GrammarSpec, bitmask_words
 from ember.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

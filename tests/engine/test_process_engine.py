@@ -272,3 +272,16 @@ def test_a_model_that_fails_to_load_is_reported_and_leaves_no_process() -> None:
         ProcessEngine(EngineConfig(model="/no-such-model", kv_cache_memory_bytes=1 << 20))
     assert "exited" not in str(info.value)  # the engine's own error, not just a dead process
     assert set(multiprocessing.active_children()) <= before
+
+
+def test_the_server_side_leaves_torch_to_the_engine_process() -> None:
+    """The server's imports, the engine client's included, never import torch: with `--engine-process` the engine
+    process's import of it is the only one before the model loads, not a second one after the server's."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ember.cli, ember.server.launcher, ember.server.app, ember.engine.process_engine\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
