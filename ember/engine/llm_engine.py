@@ -541,8 +541,11 @@ class LLMEngine:
         if lp is not None and seq.logprobs is not None:
             seq.logprobs.append(self._position_logprobs(token, lp))
         p = seq.params
-        if seq.grammar is not None:
-            seq.grammar.accept_token(token)
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            # The mask should have made this impossible; llguidance's matcher now reports itself stopped, so the
+            # sequence ends with "stop" and text the grammar does not accept: say so where it can be seen.
+            logger.error("request %s: its grammar rejected the sampled token %d (output so far %d tokens)",
+                         req.request_id, token, seq.num_output_tokens)
         # A stop token ends the text before it: flush what precedes it, never its own text.
         if token in p.stop_token_ids:
             self.detokenizer.flush(seq, end=len(seq.token_ids) - 1)

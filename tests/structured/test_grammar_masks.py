@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from ember.sampling.grammar import (
     GrammarMatcher,
+    GrammarSpec,
     apply_grammar_masks,
     apply_token_bitmask,
     bitmask_words,
@@ -97,3 +99,24 @@ def test_apply_grammar_masks_no_matchers_is_a_no_op() -> None:
     original = logits.clone()
     apply_grammar_masks(logits, [None, None])
     assert torch.equal(logits, original)
+
+
+class RejectingMatcher(SetMatcher):
+    """Its mask allows a token that `accept_token` then refuses: what a wrong mask would look like."""
+
+    def accept_token(self, token_id: int) -> bool:
+        return False
+
+
+class RejectingSpec(GrammarSpec):
+    def new_matcher(self) -> GrammarMatcher:
+        return RejectingMatcher([42])
+
+
+def test_a_token_the_grammar_rejects_is_logged(smol_llm, caplog: pytest.LogCaptureFixture) -> None:
+    from ember import SamplingParams
+
+    with caplog.at_level(logging.ERROR, logger="ember.engine.llm_engine"):
+        out = smol_llm.generate("Hi", SamplingParams(max_tokens=2, structured_output=RejectingSpec()))[0]
+    assert out.outputs[0].token_ids == [42, 42]
+    assert "its grammar rejected the sampled token 42" in caplog.text
