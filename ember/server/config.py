@@ -43,7 +43,8 @@ class ServerConfig:
     tool_call_parser: str = "auto"
     # The engine's step loop in a process of its own (ember/engine/process_engine.py), or in the server's.
     # Off by default: on an H100 it served 256 concurrent streams ~5 % faster, 64 about as fast, and the second
-    # interpreter's imports added ~4 s to the cold start (docs/PERFORMANCE.md, twelfth session).
+    # interpreter's imports added ~4 s to the cold start; since measured, the server imports no torch before
+    # starting it (docs/PERFORMANCE.md, twelfth session).
     engine_process: bool = False
 
     def __post_init__(self) -> None:
