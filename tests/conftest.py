@@ -127,6 +127,8 @@ def tiny_checkpoints() -> TinyCheckpoints:
 
 SERVE_ARGS = ["serve", "--served-model-name", EMBEDDED_MODEL, "llm", "--port", "0", "--max-model-len", "1024",
               "--kv-cache-memory-bytes", "256MiB", "--disable-uvicorn-access-log"]
+if os.environ.get("EMBER_TEST_ENGINE_PROCESS") == "1":  # the whole HTTP suite through `--engine-process`
+    SERVE_ARGS.insert(1, "--engine-process")
 API_KEY = "test-key-123"
 LOAD_TIMEOUT_S = 300  # the first run converts the GGUF tokenizer (~10 s); later runs load in about a second
 
