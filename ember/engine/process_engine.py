@@ -173,15 +173,14 @@ class ProcessEngine:
         assert self._loop is not None
         if request_id in self._streams:
             raise RequestValidationError(f"request id {request_id!r} is already in use", "request_id")
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise RequestValidationError("a prompt (text or token ids) is required", "prompt")
+        if prompt_token_ids is None and prompt is not None:  # encoded here: the outputs carry the prompt's ids
             prompt_token_ids = self.tokenizer.encode(prompt)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         accepted: asyncio.Future[None] = self._loop.create_future()
         self._streams[request_id] = stream
         self._accepting[request_id] = accepted
-        self._requests[request_id] = _Accumulated(prompt, list(prompt_token_ids), params)
+        # Without any prompt the engine refuses the request (LLMEngine.add_request holds that rule).
+        self._requests[request_id] = _Accumulated(prompt, list(prompt_token_ids or []), params)
         finished = False
         try:
             # Pickled here, so that a request that cannot cross to the engine process fails on its own.
