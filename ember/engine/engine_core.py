@@ -16,7 +16,6 @@ import os
 import pickle
 import signal
 import sys
-import threading
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
@@ -102,10 +101,6 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
         sys.exit(1)
     outputs.send(("ready", EngineInfo(engine.model_name, engine.max_model_len, engine.arch.vocab_size,
                                       engine.tokenizer, engine.stats())))
-    # A grammar arrives as text and is compiled here, in the step loop; the one-time conversion of the tokenizer
-    # for llguidance (~0.3 s) is done now, while the engine waits for its first request.
-    threading.Thread(target=_prepare_grammars, args=(engine.tokenizer,), name="ember-grammar-prep",
-                     daemon=True).start()
     try:
         serve_commands(engine, commands, outputs)
     except BaseException as e:
@@ -120,14 +115,10 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
     engine.close()
 
 
-def _prepare_grammars(tokenizer: Tokenizer) -> None:
-    from ember.structured.llguidance_backend import ll_tokenizer
-
-    ll_tokenizer(tokenizer)
-
-
 def serve_commands(engine: Any, commands: Connection, outputs: Connection) -> None:
-    """The step loop. Commands are read between steps; an idle engine blocks on the pipe."""
+    """The step loop. Commands are read between steps; an idle engine blocks on the pipe. A grammar that arrives
+    is compiled here, between steps (the first one also converts the tokenizer for llguidance, ~0.3 s, as the
+    in-process server does at its first structured request)."""
     from ember.structured.portable import resolve_grammar
 
     prompt_logprobs_sent: dict[str, int] = {}
