@@ -17,6 +17,7 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.engine.errors import EngineDeadError
 from ember.engine.llm_engine import LLMEngine
+from ember.engine.request_stream import RequestStream
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
@@ -32,7 +33,7 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.vocab_size = self.engine.arch.vocab_size
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -73,24 +74,15 @@ class AsyncEngine:
         if not self.is_running:
             await self.start()
         assert self._loop is not None
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        accepted: asyncio.Future[None] = self._loop.create_future()
-        self._streams[request_id] = stream
-        finished = False
+        stream = self._streams[request_id] = RequestStream(self._loop)
         try:
-            self._commands.put(("add", (request_id, prompt, prompt_token_ids, params, accepted)))
-            await accepted  # raises RequestValidationError for a request the engine refuses
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            self._commands.put(("add", (request_id, prompt, prompt_token_ids, params, stream)))
+            await stream.accepted  # raises RequestValidationError for a request the engine refuses
+            while not stream.finished:
+                yield await stream.next_output()
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if not stream.finished:
                 self._commands.put(("abort", request_id))
 
     async def abort(self, request_id: str) -> None:
@@ -100,21 +92,25 @@ class AsyncEngine:
         return self.engine.stats()
 
     # ----------------------------------------------------------------------------------- step thread
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def _deliver(self, request_id: str, item: RequestOutput) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.put_nowait(item)
+            stream.put(item)
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        for stream in self._streams.values():
+            stream.fail(error)
 
     def _handle(self, kind: str, arg: Any) -> None:
         assert self._loop is not None
         if kind == "add":
-            request_id, prompt, ids, params, accepted = arg
+            request_id, prompt, ids, params, stream = arg
             try:
                 self.engine.add_request(request_id, prompt, ids, params)
             except Exception as e:  # validation errors go back to the caller, the loop goes on
-                self._loop.call_soon_threadsafe(_set_exception, accepted, e)
+                self._loop.call_soon_threadsafe(stream.accept, e)
             else:
-                self._loop.call_soon_threadsafe(_set_result, accepted)
+                self._loop.call_soon_threadsafe(stream.accept)
         elif kind == "abort":
             self.engine.abort_request(arg)
 
@@ -139,24 +135,5 @@ class AsyncEngine:
         except BaseException as e:
             logger.exception("engine step loop died")
             self.dead_error = e
-            dead = EngineDeadError(f"the engine failed: {e!r}")
-            for rid in list(self._streams):
-                loop.call_soon_threadsafe(self._deliver, rid, dead)
-            # Requests still being accepted learn of it too.
-            while True:
-                try:
-                    kind, arg = self._commands.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "add":
-                    loop.call_soon_threadsafe(_set_exception, arg[-1], dead)
-
-
-def _set_result(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _set_exception(fut: asyncio.Future[None], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
+            # On the loop: every request registered by then, accepted or still waiting to be, learns of it.
+            loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine failed: {e!r}"))

@@ -25,6 +25,7 @@ from typing import Any
 from ember.config import EngineConfig
 from ember.engine.engine_core import EngineInfo, RequestDelta, run_engine_core
 from ember.engine.errors import EngineDeadError, RequestValidationError
+from ember.engine.request_stream import RequestStream
 from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.structured.portable import portable_params
@@ -98,8 +99,7 @@ class ProcessEngine:
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self._stats = info.stats
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._accepting: dict[str, asyncio.Future[None]] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._requests: dict[str, _Accumulated] = {}
         self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -175,13 +175,9 @@ class ProcessEngine:
             raise RequestValidationError(f"request id {request_id!r} is already in use", "request_id")
         if prompt_token_ids is None and prompt is not None:  # encoded here: the outputs carry the prompt's ids
             prompt_token_ids = self.tokenizer.encode(prompt)
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        accepted: asyncio.Future[None] = self._loop.create_future()
-        self._streams[request_id] = stream
-        self._accepting[request_id] = accepted
+        stream = self._streams[request_id] = RequestStream(self._loop)
         # Without any prompt the engine refuses the request (LLMEngine.add_request holds that rule).
         self._requests[request_id] = _Accumulated(prompt, list(prompt_token_ids or []), params)
-        finished = False
         try:
             # Pickled here, so that a request that cannot cross to the engine process fails on its own.
             try:
@@ -189,20 +185,13 @@ class ProcessEngine:
             except Exception as e:
                 raise RequestValidationError(f"the request cannot be sent to the engine process: {e}") from e
             self._sends.put(add)
-            await accepted  # raises RequestValidationError for a request the engine refuses
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            await stream.accepted  # raises RequestValidationError for a request the engine refuses
+            while not stream.finished:
+                yield await stream.next_output()
         finally:
             self._streams.pop(request_id, None)
-            self._accepting.pop(request_id, None)
             self._requests.pop(request_id, None)
-            if not finished:
+            if not stream.finished:
                 self._sends.put(pickle.dumps(("abort", request_id)))
 
     async def abort(self, request_id: str) -> None:
@@ -242,16 +231,13 @@ class ProcessEngine:
             _, replies, deltas, stats = msg
             self._stats = stats
             for request_id, error in replies:
-                fut = self._accepting.pop(request_id, None)
-                if fut is not None and not fut.done():
-                    if error is None:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(error)
+                stream = self._streams.get(request_id)
+                if stream is not None:
+                    stream.accept(error)
             for d in deltas:
                 acc, stream = self._requests.get(d.request_id), self._streams.get(d.request_id)
                 if acc is not None and stream is not None:
-                    stream.put_nowait(acc.apply(d))
+                    stream.put(acc.apply(d))
         elif msg[0] == "dead" and self.dead_error is None:
             error = msg[1]
             logger.error("the engine process has died: %r", error)
@@ -260,11 +246,7 @@ class ProcessEngine:
 
     def _fail_all(self, error: EngineDeadError) -> None:
         for stream in self._streams.values():
-            stream.put_nowait(error)
-        for fut in self._accepting.values():
-            if not fut.done():
-                fut.set_exception(error)
-        self._accepting.clear()
+            stream.fail(error)
 
 
 def _stop_process(proc: Any, cmd: Connection, out: Connection, serving: threading.Event) -> None:
