@@ -193,10 +193,9 @@ def add_serve(sub: Subparsers) -> None:
     # carry the flag must still start. It changes nothing.
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility; auto tool choice is always on")
-    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine's step loop in a process of its own, so that HTTP work never holds the "
-                        "GIL it needs: faster under many concurrent streams, slower to start (a second "
-                        "interpreter imports torch)")
+                        "GIL it needs (default: on with a GPU, off on a CPU)")
     p.add_argument("--disable-log-requests", action="store_true", help="no structured line per API request")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="HTTP server logging")

@@ -183,8 +183,9 @@ def deployment_options(args: argparse.Namespace, cluster_gpus: float = 0.0) -> d
 
 
 class EmberReplica:
-    """One replica: ember's HTTP app and the AsyncEngine it owns. Wrapped by `serve.ingress()` at deploy time,
-    which serves the app returned by `__serve_build_asgi_app__`."""
+    """One replica: ember's HTTP app and the engine it owns (in a process of its own or not, as `ember serve`
+    decides). Wrapped by `serve.ingress()` at deploy time, which serves the app returned by
+    `__serve_build_asgi_app__`."""
 
     async def __init__(self, engine_config: EngineConfig, server_config: ServerConfig) -> None:
         # Imported here: these pull in torch and the model code, which only replicas need.
@@ -195,7 +196,7 @@ class EmberReplica:
         self._app = build_app(None, server_config)
         # Ray routes nothing to a replica until its constructor returns, so loading here replaces the 503s
         # `ember serve` answers while loading. The load runs off the event loop so Ray's calls keep working.
-        engine = await asyncio.to_thread(default_engine_factory, engine_config)
+        engine = await asyncio.to_thread(default_engine_factory, engine_config, server_config.engine_process)
         await engine.start()  # on Ray's user-code loop, where the app's handlers run too
         self._engine = engine
         attach_engine(self._app, engine)

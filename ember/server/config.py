@@ -42,10 +42,8 @@ class ServerConfig:
     # How tool_choice "auto" reads calls out of chat output: "auto" detects the format from the chat template.
     tool_call_parser: str = "auto"
     # The engine's step loop in a process of its own (ember/engine/process_engine.py), or in the server's.
-    # Off by default: on an H100 it served 256 concurrent streams ~5 % faster, 64 about as fast, and the second
-    # interpreter's imports added ~4 s to the cold start; since measured, the server imports no torch before
-    # starting it (docs/PERFORMANCE.md, twelfth session).
-    engine_process: bool = False
+    # None: in its own where the engine runs on a GPU (launcher.use_engine_process says why).
+    engine_process: bool | None = None
 
     def __post_init__(self) -> None:
         # Fail at construction, before the model loads, rather than with a 500 on the first request with tools.

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import signal
 import socket
 import threading
@@ -34,12 +35,36 @@ DEAD_LINGER_S = 2.0
 DEATH_POLL_S = 0.2
 
 
-def default_engine_factory(cfg: EngineConfig, engine_process: bool = False) -> Any:
+def cuda_present() -> bool:
+    """Whether this machine shows an NVIDIA GPU to this process, asked without importing torch (the server
+    side never does when the engine has a process of its own) or initializing CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and (not visible.strip() or visible.strip().startswith("-1")):
+        return False
+    try:
+        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return os.path.exists("/dev/nvidia0")
+
+
+def use_engine_process(flag: bool | None, device: str) -> bool:
+    """`--engine-process` as given, or by default on where the engine runs on a GPU, where it served many
+    streams faster and started within ~0.3 s of the in-process engine (docs/PERFORMANCE.md, thirteenth
+    session). On a CPU the model, not the server, bounds a step, and one process starts faster."""
+    if flag is not None:
+        return flag
+    if device == "auto":
+        return cuda_present()
+    return device.startswith("cuda")
+
+
+def default_engine_factory(cfg: EngineConfig, engine_process: bool | None = None) -> Any:
     """The engine in a process of its own (`ProcessEngine`) or in this one (`AsyncEngine`)."""
     # Imported late: they pull in torch and the model code.
-    if engine_process:
+    if use_engine_process(engine_process, cfg.device):
         from ember.engine.process_engine import ProcessEngine
 
+        logger.info("engine: its step loop runs in a process of its own (--no-engine-process: in this one)")
         return ProcessEngine(cfg)
     from ember.engine.async_engine import AsyncEngine
     from ember.server.faults import install_from_env

@@ -56,6 +56,29 @@ def test_serve_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert server_config_from_args(build_parser().parse_args(["serve"])).api_keys == ["from-env"]
 
 
+def test_engine_process_flag_and_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.server import launcher
+    from ember.server.launcher import cuda_present, use_engine_process
+
+    parse = build_parser().parse_args
+    assert server_config_from_args(parse(["serve"])).engine_process is None
+    assert server_config_from_args(parse(["serve", "--engine-process"])).engine_process is True
+    assert server_config_from_args(parse(["serve", "--no-engine-process"])).engine_process is False
+    # Unset: its own process where the engine runs on a GPU, the server's on a CPU; a flag always wins.
+    assert use_engine_process(None, "cuda") and use_engine_process(None, "cuda:1")
+    assert not use_engine_process(None, "cpu")
+    assert not use_engine_process(False, "cuda") and use_engine_process(True, "cpu")
+    monkeypatch.setattr(launcher, "cuda_present", lambda: True)
+    assert use_engine_process(None, "auto")
+    monkeypatch.setattr(launcher, "cuda_present", lambda: False)
+    assert not use_engine_process(None, "auto")
+    monkeypatch.undo()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: none, whatever the machine has
+    assert not cuda_present()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not cuda_present()
+
+
 @pytest.mark.parametrize("argv", [["serve", "--port", "70000"], ["serve", "--gpu-memory-utilization", "1.5"],
                                   ["serve", "--max-num-seqs", "0"], ["serve", "--kv-cache-memory-bytes", "lots"],
                                   ["serve", "--dtype", "int3"], ["nonsense"], []])
