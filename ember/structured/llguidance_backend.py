@@ -6,6 +6,7 @@ A compiled grammar is an `LLMatcher` in its initial state, kept as a template: e
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import weakref
@@ -44,10 +45,34 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
             # tokenizer); llguidance rejects those. The engine ends a sequence once its grammar is complete
             # whatever the EOS, so the tokenizer's own ids suffice there.
             eos = sorted(t for t in tokenizer.eos_token_ids if t < tokenizer.vocab_size)
-            lt = llguidance.LLTokenizer(backend.to_str(), n_vocab=tokenizer.vocab_size,
+            lt = llguidance.LLTokenizer(byte_level_view(backend.to_str()), n_vocab=tokenizer.vocab_size,
                                         eos_token=eos or None)
             _TOKENIZERS[tokenizer] = lt
         return lt
+
+
+def byte_level_view(tokenizer_json: str) -> str:
+    """tokenizer.json as llguidance must read it to get each token's bytes right.
+
+    transformers 5.17 converts a byte-level BPE GGUF tokenizer (SmolLM2's) with a decoder chain of ByteFallback,
+    Fuse, Replace("▁", " ") and ByteLevel, and byte_fallback on. HF decoding is unaffected (the byte-level
+    vocabulary has no <0x..> or ▁ tokens for the first three to act on), but llguidance, seeing ByteFallback,
+    reads the vocabulary as SentencePiece's and takes "Ġ" for itself rather than a space: the masks then forbid
+    what the grammar allows and allow what it forbids (`{"city":` went on with `:`; transformers 5.25 writes a
+    plain ByteLevel decoder). Where the chain holds a ByteLevel decoder the vocabulary is byte-level, so that
+    decoder alone is the right reading.
+    """
+    spec = json.loads(tokenizer_json)
+    decoder = spec.get("decoder") or {}
+    if decoder.get("type") != "Sequence":
+        return tokenizer_json
+    byte_level = [d for d in decoder.get("decoders") or [] if d.get("type") == "ByteLevel"]
+    if not byte_level:
+        return tokenizer_json
+    spec["decoder"] = byte_level[0]
+    if isinstance(spec.get("model"), dict) and "byte_fallback" in spec["model"]:
+        spec["model"]["byte_fallback"] = False
+    return json.dumps(spec)
 
 
 class LLGuidanceMatcher(GrammarMatcher):

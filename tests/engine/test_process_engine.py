@@ -13,6 +13,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from ember import SamplingParams
 from ember.config import EngineConfig
@@ -100,9 +101,12 @@ def test_prompt_logprobs_of_a_chunked_prefill_and_the_prefix_cache(engine: Proce
     got = outs[-1].prompt_logprobs
     assert got is not None and len(got) == len(ref) == 200
     assert all(o.prompt_logprobs is got for o in outs)  # one list, grown in place, as in-process
+    # fp32 on a CPU; bf16 on a GPU, where four chunks and one pass round differently (up to 0.023 apart on an
+    # H100, in-process both ways: docs/PERFORMANCE.md, thirteenth session).
+    tol = 5e-2 if torch.cuda.is_available() else 1e-3
     for g, r in zip(got[1:], ref[1:], strict=True):
         assert g is not None and r is not None and list(g) == list(r)
-        assert all(abs(g[t].logprob - r[t].logprob) < 1e-3 for t in g)
+        assert all(abs(g[t].logprob - r[t].logprob) < tol for t in g)
     assert outs[0].queue_time_s is not None and outs[0].num_cached_tokens == 0
     again = loop.run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=2), "prompt-again"))
     assert again[-1].num_cached_tokens >= 192  # every full block of the prompt

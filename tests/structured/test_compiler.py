@@ -202,3 +202,47 @@ def test_tool_chat_template(tok: Any) -> None:
             '"unit": "c"}}\n</tool_call><|im_end|>') in text
     assert "<|im_start|>user\n<tool_response>\n20 C\n</tool_response><|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_byte_level_vocabulary_under_a_sentencepiece_style_decoder_chain(tok: Any) -> None:
+    """transformers 5.17 converts SmolLM2's GGUF tokenizer with ByteFallback, Fuse, Replace and ByteLevel
+    decoders and byte_fallback on (5.25 writes a plain ByteLevel decoder). llguidance then read "Ġ" as itself,
+    not a space, and on the GPU machine a JSON schema's masks let `{"city":` go on with `:`."""
+    import llguidance
+    import tokenizers
+
+    from ember.structured.llguidance_backend import byte_level_view
+    from ember.tokenizer import Tokenizer
+
+    spec = json.loads(tok.hf.backend_tokenizer.to_str())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "ByteFallback"}, {"type": "Fuse"},
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, byte_level]}
+    spec["model"]["byte_fallback"] = True
+    hybrid = json.dumps(spec)
+    text = 'Hi {"city": "New York"}, café ☃'
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tokenizers.Tokenizer.from_str(hybrid).decode(ids) == tok.decode(ids) == text  # HF decoding: fine
+    space_quote = tok.encode(' "', add_special_tokens=False)
+    assert len(space_quote) == 1
+    assert llguidance.LLTokenizer(hybrid).decode_bytes(space_quote) != b' "'  # llguidance's misreading
+    assert llguidance.LLTokenizer(byte_level_view(hybrid)).decode_bytes(ids) == text.encode()
+
+    class Converted:  # the HF tokenizer as transformers 5.17 hands it over
+        backend_tokenizer = tokenizers.Tokenizer.from_str(hybrid)
+        all_special_ids = tok.hf.all_special_ids
+        eos_token_id = tok.hf.eos_token_id
+
+        def __len__(self) -> int:
+            return len(tok.hf)
+
+    converted = Tokenizer(Converted(), tok.eos_token_ids)
+    converted.encode = tok.encode  # type: ignore[method-assign]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    m = compile_structured(StructuredOutputs(json=schema), converted).new_matcher()
+    assert all(m.accept_token(t) for t in tok.encode('{"city":', add_special_tokens=False))
+    row = torch.zeros(bitmask_words(converted.vocab_size), dtype=torch.int32)
+    m.fill_bitmask(row)
+    allowed = {t for t in range(converted.vocab_size) if (int(row[t // 32]) >> (t % 32)) & 1}
+    assert space_quote[0] in allowed and tok.encode(":", add_special_tokens=False)[0] not in allowed
