@@ -82,6 +82,9 @@ def add_ray_parser(targets: Any) -> None:
     srv.add_argument("--api-key", action="append", default=None, metavar="KEY",
                      help="require 'Authorization: Bearer KEY' on the API routes (repeat for several keys; "
                           "default: $EMBER_API_KEY)")
+    srv.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                     help="each replica runs its engine's step loop in a process of its own (default: on with a "
+                          "GPU, off on a CPU, as `ember serve`)")
     srv.add_argument("--public-endpoints", nargs="*", default=list(PUBLIC_ENDPOINTS), choices=PUBLIC_ENDPOINTS,
                      metavar="NAME", help=f"of {', '.join(PUBLIC_ENDPOINTS)}: those that need no API key")
     rep = p.add_argument_group("replicas (a fixed --num-replicas, or autoscaling with the --*-replicas flags)")
@@ -131,7 +134,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server settings a replica's app uses; host and port are Ray's proxy's, not the app's."""
     return ServerConfig(host=args.host, port=args.port, served_model_names=served_model_names(args),
                         api_keys=api_keys_from_args(args),
-                        public_endpoints=list(args.public_endpoints), max_num_seqs=args.max_num_seqs)
+                        public_endpoints=list(args.public_endpoints), max_num_seqs=args.max_num_seqs,
+                        engine_process=args.engine_process)
 
 
 def deployment_options(args: argparse.Namespace, cluster_gpus: float = 0.0) -> dict[str, Any]:

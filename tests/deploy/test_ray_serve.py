@@ -19,7 +19,8 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings(r"ignore::DeprecationWarning:ray\..*")
 
 DEPLOY_ARGS = ["deploy", "ray", "--served-model-name", EMBEDDED_MODEL, "llm", "--max-model-len", "1024",
-               "--kv-cache-memory-bytes", "256MiB", "--num-replicas", "1", "--max-ongoing-requests", "8"]
+               "--kv-cache-memory-bytes", "256MiB", "--num-replicas", "1", "--max-ongoing-requests", "8",
+               "--engine-process"]  # the path a replica on a GPU takes by default
 
 
 def _args(*argv: str) -> Any:
@@ -96,6 +97,8 @@ def test_server_config(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = ray_serve.server_config_from_args(_args("--api-key", "k1", "--served-model-name", "a", "b"))
     assert (cfg.api_keys, cfg.served_model_names) == (["k1"], ["a", "b"])
     assert ray_serve.server_config_from_args(_args()).served_model_names == [EMBEDDED_MODEL]
+    assert ray_serve.server_config_from_args(_args()).engine_process is None  # as `ember serve` decides
+    assert ray_serve.server_config_from_args(_args("--engine-process")).engine_process is True
     monkeypatch.setenv("EMBER_API_KEY", "from-env")
     assert ray_serve.server_config_from_args(_args()).api_keys == ["from-env"]
 
