@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names (its fp8_e5m2 is not offered)
 
 
 @dataclass
@@ -23,6 +24,8 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None  # explicit byte budget (the default on CPU is 1 GiB)
+    # auto: the model's dtype; fp8 (= fp8_e4m3): half the bytes of bf16 a token, scale 1.0, as vLLM's default.
+    kv_cache_dtype: str = "auto"
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     # Scheduler.

@@ -19,8 +19,11 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if slot_mapping.numel() and has_padding:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    kc.index_copy_(0, slot_mapping, k.to(kc.dtype))
-    vc.index_copy_(0, slot_mapping, v.to(vc.dtype))
+    k, v = k.to(kc.dtype), v.to(vc.dtype)
+    if kc.dtype.is_floating_point and kc.element_size() == 1:  # FP8: torch has no index_copy_ for it
+        kc, vc, k, v = kc.view(torch.uint8), vc.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    kc.index_copy_(0, slot_mapping, k)
+    vc.index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import torch
 
+from ember.config import KV_CACHE_DTYPES
 from ember.model.config import ModelArchConfig
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
+_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the cache stores K/V in. FP8 values are the activations cast with scale 1.0 (saturating at
+    ±448); attention reads them back into the activation dtype."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {name!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+    dtype = _FP8.get(name, model_dtype)
+    if dtype.itemsize == 1 and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):  # Triton converts to FP8 E4M3 with the instructions Ada and Hopper brought
+            raise ValueError(f"kv_cache_dtype {name!r} needs a GPU with FP8 (compute capability 8.9 or newer); "
+                             f"this one has {major}.{minor}")
+    return dtype
 
 
 def bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:

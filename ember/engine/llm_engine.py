@@ -18,7 +18,7 @@ from ember.distributed.parallel import TensorParallel
 from ember.engine.block_manager import BlockManager
 from ember.engine.detokenizer import Detokenizer, find_stop_string, releasable_text
 from ember.engine.errors import RequestValidationError
-from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes_per_block
+from ember.engine.kv_cache import CPU_DEFAULT_KV_BYTES, allocate_kv_cache, bytes_per_block, kv_cache_dtype
 from ember.engine.model_runner import InflightStep, ModelRunner, StepResult
 from ember.engine.scheduler import Scheduler, SchedulerOutput
 from ember.engine.sequence import Request, Sequence
@@ -162,7 +162,8 @@ def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, block_size: int, tp
     tensor-parallel rank runs this (the GPU profiling pass has all-reduces) and they keep the smallest count."""
     if config.num_gpu_blocks_override:
         return config.num_gpu_blocks_override
-    per_block = bytes_per_block(loaded.arch, block_size, loaded.dtype, tp.size)
+    per_block = bytes_per_block(loaded.arch, block_size,
+                                kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.device), tp.size)
     if config.kv_cache_memory_bytes:
         budget = config.kv_cache_memory_bytes
     elif loaded.device.type == "cuda":
@@ -280,12 +281,13 @@ class LLMEngine:
 
         t3 = time.perf_counter()
         self.block_size = config.block_size
+        self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
         num_blocks = num_kv_blocks(config, self.loaded, self.block_size, self.tp)
-        self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.dtype, self.device,
+        self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.kv_dtype, self.device,
                                            self.tp.size)
         self.timings.kv_cache_s = time.perf_counter() - t3
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size,
-                    num_blocks * self.block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s)", num_blocks, self.block_size,
+                    num_blocks * self.block_size, str(self.kv_dtype).removeprefix("torch."))
 
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         max_batched = config.max_num_batched_tokens or (8192 if self.device.type == "cuda" else 2048)

@@ -173,7 +173,7 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     """A worker process: connect, load this rank's shards, size the KV cache with the others, then run the forward
     of every step the driver sends until it sends "stop"."""
     from ember.attention import get_attention_backend
-    from ember.engine.kv_cache import allocate_kv_cache
+    from ember.engine.kv_cache import allocate_kv_cache, kv_cache_dtype
     from ember.engine.llm_engine import decode_graph_shape, load_model, num_kv_blocks
     from ember.engine.model_runner import ModelRunner
 
@@ -202,7 +202,8 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     if tp.broadcast_object()[0] != "start":  # the driver gave up before sizing the cache
         return
     num_blocks = num_kv_blocks(config, loaded, config.block_size, tp)
-    kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size, loaded.dtype, device, tp.size)
+    kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size,
+                                  kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, device), device, tp.size)
     runner = ModelRunner(loaded.model, kv_caches, config.block_size, device,
                          get_attention_backend(config.attention_backend, device), None, tp)
     shape = decode_graph_shape(config, device, runner.attn, loaded.max_model_len)

@@ -71,6 +71,14 @@ CONFIGS = [
 def _skip_interpreter_bf16(*dtypes: torch.dtype) -> None:
     if INTERPRET and torch.bfloat16 in dtypes:
         pytest.skip("the Triton interpreter gets bf16 dots and conversions wrong")
+    if torch.float8_e4m3fn in dtypes:
+        if INTERPRET:
+            pytest.skip("the Triton interpreter gets FP8 conversions wrong")
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("FP8 E4M3 conversions need compute capability 8.9")
+
+
+FP8 = torch.float8_e4m3fn
 
 
 @dataclass
@@ -192,6 +200,26 @@ def test_paged_attention_matches_reference(cfg: Config, case: str) -> None:
     assert_matches(out, reference(b, scale), cfg.dtype)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS[:2], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_paged_attention_over_an_fp8_cache(cfg: Config, case: str) -> None:
+    """`--kv-cache-dtype fp8`: the kernels read FP8 E4M3 K/V and widen them to q's dtype; the reference widens
+    the same cache the same way, so the bf16 bounds hold."""
+    _skip_interpreter_bf16(cfg.dtype, FP8)
+    q_lens, seq_lens = CASES[case]
+    b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=100 + list(CASES).index(case), cache_dtype=FP8))
+    scale = cfg.head_dim ** -0.5
+    out = poisoned_like(b.q)
+    paged_attention(b.q, b.k_cache, b.v_cache, b.meta.block_tables, b.meta.seq_lens, b.meta.query_start_loc,
+                    b.meta.max_query_len, scale, out=out)
+    assert_matches(out, reference(b, scale), cfg.dtype)
+    if case == "decode":  # and the split-KV path
+        out = poisoned_like(b.q)
+        split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
+                                  b.meta.query_start_loc, scale, 7)
+        assert_matches(out, reference(b, scale), cfg.dtype)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 32])
 def test_decode_paths(cfg: Config, num_splits: int) -> None:
@@ -301,7 +329,7 @@ def test_random_mixed_batches(seed: int) -> None:
 
 @pytest.mark.parametrize(("dtype", "cache_dtype"), [
     (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-    (torch.float16, torch.float16)])
+    (torch.float16, torch.float16), (torch.bfloat16, FP8), (torch.float32, FP8)])
 @pytest.mark.parametrize("num_kv_heads", [1, 3, 8])
 def test_store_kv_matches_reference(dtype: torch.dtype, cache_dtype: torch.dtype, num_kv_heads: int) -> None:
     _skip_interpreter_bf16(dtype, cache_dtype)
@@ -319,9 +347,10 @@ def test_store_kv_matches_reference(dtype: torch.dtype, cache_dtype: torch.dtype
     kc_ref, vc_ref = init.clone(), init.clone()
     store_kv(k, v, kc, vc, slots)
     store_kv_ref(k, v, kc_ref, vc_ref, slots)
-    torch.testing.assert_close(kc, kc_ref, rtol=0, atol=0)
-    torch.testing.assert_close(vc, vc_ref, rtol=0, atol=0)
-    assert not torch.equal(kc, init)
+    # Widened to float: assert_close has no FP8 (both sides' values are exact in float32).
+    torch.testing.assert_close(kc.float(), kc_ref.float(), rtol=0, atol=0)
+    torch.testing.assert_close(vc.float(), vc_ref.float(), rtol=0, atol=0)
+    assert not torch.equal(kc.float(), init.float())
 
 
 @pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[4]], ids=str)

@@ -31,7 +31,7 @@ def test_serve_flags_map_to_engine_config() -> None:
         "--max-num-batched-tokens", "4096", "--api-key", "k1", "--api-key", "k2", "--dtype", "bfloat16",
         "--load-format", "safetensors", "--seed", "7", "--chat-template", "tmpl.jinja", "--block-size", "32",
         "--device", "cuda", "--kv-cache-memory-bytes", "4GiB", "--no-enable-prefix-caching",
-        "--no-async-scheduling", "--compile-cache-dir", "/vol/jit"])
+        "--no-async-scheduling", "--compile-cache-dir", "/vol/jit", "--kv-cache-dtype", "fp8"])
     cfg = engine_config_from_args(args)
     assert cfg == EngineConfig(
         model="some/model", revision="abc", tokenizer="tokdir", load_format="safetensors", dtype="bfloat16",
@@ -39,7 +39,8 @@ def test_serve_flags_map_to_engine_config() -> None:
         max_model_len=4096, chat_template="tmpl.jinja", block_size=32, gpu_memory_utilization=0.8,
         kv_cache_memory_bytes=4 * 2**30, enable_prefix_caching=False, max_num_seqs=32,
         max_num_batched_tokens=4096, enforce_eager=True, tensor_parallel_size=2,
-        served_model_name=["some/model", "llm"], async_scheduling=False, compile_cache_dir="/vol/jit")
+        served_model_name=["some/model", "llm"], async_scheduling=False, compile_cache_dir="/vol/jit",
+        kv_cache_dtype="fp8")
     srv = server_config_from_args(args)
     assert (srv.host, srv.port, srv.api_keys) == ("0.0.0.0", 9000, ["k1", "k2"])
     assert srv.served_model_names == ["some/model", "llm"]
@@ -81,6 +82,7 @@ def test_engine_process_flag_and_its_default(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize("argv", [["serve", "--port", "70000"], ["serve", "--gpu-memory-utilization", "1.5"],
                                   ["serve", "--max-num-seqs", "0"], ["serve", "--kv-cache-memory-bytes", "lots"],
+                                  ["serve", "--kv-cache-dtype", "fp8_e5m2"],
                                   ["serve", "--dtype", "int3"], ["nonsense"], []])
 def test_bad_cli_arguments_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
