@@ -56,7 +56,8 @@ def _engine_info(engine: LLMEngine) -> dict[str, Any]:
     # reads its own weights (those this process holds, the lm_head included) and 1/N of the KV cache, and the
     # FLOPs are shared evenly over the N GPUs.
     return {**run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled),
-            "quantization": engine.loaded.quantization, "tensor_parallel_size": engine.tp.size}
+            "quantization": engine.loaded.quantization, "tensor_parallel_size": engine.tp.size,
+            "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch.")}
 
 
 def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
@@ -79,7 +80,8 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     weights = model_weight_bytes(engine.model)
     ranks = engine.tp.size
     floor = roof.step_time(engine.arch, engine.dtype, b / ranks, b * avg_ctx / ranks,
-                           attention_flops(engine.arch, b, avg_ctx) / ranks, lm_head_rows=b, weight_bytes=weights)
+                           attention_flops(engine.arch, b, avg_ctx) / ranks, lm_head_rows=b, weight_bytes=weights,
+                           kv_dtype=engine.kv_dtype)
     return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
@@ -131,7 +133,7 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
             res["sustained_fp8_matmul_tflop_s"] = held.fp8_matmul_rate / 1e12
     st = engine.stats()
     return res | {"kv_blocks": engine.block_manager.num_blocks, "preemptions": st["num_preemptions"],
-                  "kv_bytes_per_token": kv_bytes_per_token(engine.arch, engine.dtype)}
+                  "kv_bytes_per_token": kv_bytes_per_token(engine.arch, engine.kv_dtype)}
 
 
 def print_result(res: dict[str, Any], path: str | None) -> None:

@@ -161,12 +161,13 @@ class Roofline:
         return fp8_flops / self.fp8_matmul_rate + (flops - fp8_flops) / self.matmul_rate
 
     def step_time(self, arch: ModelArchConfig, dtype: torch.dtype, new_tokens: float, kv_tokens_read: float,
-                  attn_flops: float, lm_head_rows: int | None = None, weight_bytes: int | None = None) -> float:
+                  attn_flops: float, lm_head_rows: int | None = None, weight_bytes: int | None = None,
+                  kv_dtype: torch.dtype | None = None) -> float:
         """Floor for one forward: max(bytes / bandwidth, FLOPs / matmul rate). `weight_bytes`: of the model as
-        loaded (`model_weight_bytes`), when it is not all in `dtype`."""
+        loaded (`model_weight_bytes`), when it is not all in `dtype`; `kv_dtype`: the KV cache's, if not `dtype`."""
         if weight_bytes is None:
             weight_bytes = weight_bytes_per_step(arch, dtype)
-        bytes_ = weight_bytes + kv_tokens_read * kv_bytes_per_token(arch, dtype)
+        bytes_ = weight_bytes + kv_tokens_read * kv_bytes_per_token(arch, kv_dtype or dtype)
         flops = matmul_flops_per_token(arch) * new_tokens + attn_flops
         if lm_head_rows is not None:  # only sampled rows go through the lm_head
             flops -= 2 * arch.vocab_size * arch.hidden_size * (new_tokens - lm_head_rows)

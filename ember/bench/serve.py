@@ -98,13 +98,13 @@ async def run_load(url: str, model: str, prompts: list[list[int]], out_len: int,
 
 
 def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
-                     quantization: str | None = None) -> dict[str, float]:
+                     quantization: str | None = None, kv_cache_dtype: str = "auto") -> dict[str, float]:
     """Floor for the TPOT of a steady state of `concurrency` requests (measured rates of this device).
 
     Each step decodes one token per running request, and prefills the prompts of the requests that replace
     the finished ones: concurrency / out arrivals per step, inp tokens each. `quantization="fp8"`: the server
     runs FP8 matmuls; the projections count a byte a weight and their FLOPs go at the FP8 rate (the lm_head and
-    attention at the bf16 one).
+    attention at the bf16 one). `kv_cache_dtype="fp8"`: the server runs `--kv-cache-dtype fp8`, a byte a K/V value.
     """
     import torch
 
@@ -121,7 +121,8 @@ def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
     ctx = inp + out / 2
     attn = attention_flops(arch, concurrency, ctx) + attention_flops(arch, int(prefill), inp / 2)
     step = roof.step_time(arch, dtype, int(concurrency + prefill), concurrency * ctx, attn,
-                          lm_head_rows=concurrency, weight_bytes=weight_bytes_per_step(arch, dtype, quantization))
+                          lm_head_rows=concurrency, weight_bytes=weight_bytes_per_step(arch, dtype, quantization),
+                          kv_dtype=torch.float8_e4m3fn if kv_cache_dtype.startswith("fp8") else None)
     return {"roofline_step_ms": step * 1e3, "roofline_prefill_tokens_per_step": prefill, **roof.rates()}
 
 
@@ -171,9 +172,10 @@ def run_serve_bench(args: argparse.Namespace) -> int:
             summary[f"{k}_{name}_ms"] = v
     if args.roofline_model:
         roof = serving_roofline(args.roofline_model, args.max_concurrency, args.input_len, args.output_len,
-                                args.roofline_quantization)
+                                args.roofline_quantization, args.roofline_kv_cache_dtype)
         summary.update(roof)
         summary["roofline_quantization"] = args.roofline_quantization
+        summary["roofline_kv_cache_dtype"] = args.roofline_kv_cache_dtype
         summary["tpot_p50_over_roofline"] = summary["median_tpot_ms"] / roof["roofline_step_ms"]
     errors = [r.error for r in results if not r.ok][:5]
     if errors:
@@ -207,6 +209,8 @@ def add_serve_bench(bsub: Any) -> None:
                    help="a shipped config (e.g. llama-3.1-8b-instruct): print the TPOT roofline of this device")
     q.add_argument("--roofline-quantization", default=None, choices=["fp8"],
                    help="the server runs --quantization fp8: FP8 weight bytes and matmul rate in the roofline")
+    q.add_argument("--roofline-kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="the server runs --kv-cache-dtype fp8: a byte a K/V value in the roofline")
     q.add_argument("--output-json", default=None)
     q.add_argument("--plot", default=None, help="write a PNG of the TTFT/TPOT/ITL distributions here")
     q.set_defaults(handler=run_serve_bench)

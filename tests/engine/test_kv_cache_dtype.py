@@ -63,3 +63,19 @@ def test_engine_with_an_fp8_cache(smol_llm: Any) -> None:
     assert agree >= 0.95 * len(positions)
     assert sum(diffs) / len(diffs) < 0.05
     assert max(diffs) > 0  # the cache did round
+
+
+def test_the_roofline_counts_a_byte_a_value_for_an_fp8_cache() -> None:
+    from ember.bench.roofline import Roofline, kv_bytes_per_token, weight_bytes_per_step
+    from ember.config import EngineConfig
+    from ember.model.config import ModelArchConfig
+    from ember.model.loader import resolve_model
+
+    arch = ModelArchConfig.from_hf(resolve_model(EngineConfig(model="llama-3.1-8b-instruct",
+                                                              load_format="dummy")).hf_config)
+    assert kv_bytes_per_token(arch, torch.bfloat16) == 2 * kv_bytes_per_token(arch, FP8) == 131072
+    memory_bound = Roofline(bandwidth=1e12, matmul_rate=1e30)
+    weights, ctx = weight_bytes_per_step(arch, torch.bfloat16), 64 * 1000
+    for kv_dtype, per_token in ((None, 131072), (FP8, 65536)):
+        step = memory_bound.step_time(arch, torch.bfloat16, 64, ctx, 0.0, kv_dtype=kv_dtype)
+        assert step == pytest.approx((weights + ctx * per_token) / 1e12)
