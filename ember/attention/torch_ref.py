@@ -10,6 +10,17 @@ import torch.nn.functional as F
 from ember.attention.backend import AttentionBackend, AttentionMetadata
 
 
+def _is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype.is_floating_point and t.element_size() == 1
+
+
+def _rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`cache.index_select(0, index)`, through a uint8 view for FP8 (not every torch build selects FP8)."""
+    if _is_fp8(cache):
+        return cache.view(torch.uint8).index_select(0, index).view(cache.dtype)
+    return cache.index_select(0, index)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, has_padding: bool = True) -> None:
     """Write new K/V rows into their cache slots (negative slots are padding and skipped; `has_padding=False`
@@ -19,9 +30,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if slot_mapping.numel() and has_padding:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k, v = k.to(kc.dtype), v.to(vc.dtype)
-    if kc.dtype.is_floating_point and kc.element_size() == 1:  # FP8: torch has no index_copy_ for it
+    if _is_fp8(kc):
+        # Saturate as the Triton store does (torch's own cast gives NaN beyond ±448 before 2.12), then store
+        # through uint8 views: torch has no index_copy_ for FP8.
+        top = torch.finfo(kc.dtype).max
+        k, v = k.clamp(-top, top).to(kc.dtype), v.clamp(-top, top).to(vc.dtype)
         kc, vc, k, v = kc.view(torch.uint8), vc.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    else:
+        k, v = k.to(kc.dtype), v.to(vc.dtype)
     kc.index_copy_(0, slot_mapping, k)
     vc.index_copy_(0, slot_mapping, v)
 
@@ -30,7 +46,7 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     """A sequence's first `seq_len` cached rows: [seq_len, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     n_blocks = (seq_len + block_size - 1) // block_size
-    pages = cache.index_select(0, block_table[:n_blocks].long())
+    pages = _rows(cache, block_table[:n_blocks].long())
     return pages.reshape(-1, *cache.shape[2:])[:seq_len]
 
 
@@ -104,8 +120,8 @@ def _decode_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     b, max_len = plan.valid.shape
     kc = k_cache.reshape(-1, *k_cache.shape[2:])
     vc = v_cache.reshape(-1, *v_cache.shape[2:])
-    k = kc.index_select(0, plan.slots).view(b, max_len, *kc.shape[1:]).transpose(1, 2)
-    v = vc.index_select(0, plan.slots).view(b, max_len, *vc.shape[1:]).transpose(1, 2)
+    k = _rows(kc, plan.slots).view(b, max_len, *kc.shape[1:]).transpose(1, 2)
+    v = _rows(vc, plan.slots).view(b, max_len, *vc.shape[1:]).transpose(1, 2)
     qb = (q if plan.rows is None else q.index_select(0, plan.rows)).unsqueeze(2)  # [B, H, 1, D]
     o = F.scaled_dot_product_attention(qb, k.to(q.dtype), v.to(q.dtype), attn_mask=plan.valid[:, None, None, :],
                                        scale=scale, enable_gqa=True)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -37,14 +38,18 @@ DEATH_POLL_S = 0.2
 
 def cuda_present() -> bool:
     """Whether this machine shows an NVIDIA GPU to this process, asked without importing torch (the server
-    side never does when the engine has a process of its own) or initializing CUDA."""
+    side never does when the engine has a process of its own) or initializing CUDA: a GPU device node, and no
+    CUDA_VISIBLE_DEVICES that hides them all (CUDA reads that list up to its first invalid entry)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and (not visible.strip() or visible.strip().startswith("-1")):
-        return False
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        if not (first.isdigit() or first.startswith(("GPU-", "MIG-"))):
+            return False
     try:
-        return bool(os.listdir("/proc/driver/nvidia/gpus"))
+        # /proc/driver/nvidia lists the host's GPUs even in a container given none; device nodes are per container.
+        return any(re.fullmatch(r"nvidia\d+", name) for name in os.listdir("/dev"))
     except OSError:
-        return os.path.exists("/dev/nvidia0")
+        return False
 
 
 def use_engine_process(flag: bool | None, device: str) -> bool:

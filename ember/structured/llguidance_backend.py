@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -51,6 +52,9 @@ def ll_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
         return lt
 
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 def byte_level_view(tokenizer_json: str) -> str:
     """tokenizer.json as llguidance must read it to get each token's bytes right.
 
@@ -59,16 +63,17 @@ def byte_level_view(tokenizer_json: str) -> str:
     vocabulary has no <0x..> or ▁ tokens for the first three to act on), but llguidance, seeing ByteFallback,
     reads the vocabulary as SentencePiece's and takes "Ġ" for itself rather than a space: the masks then forbid
     what the grammar allows and allow what it forbids (`{"city":` went on with `:`; transformers 5.25 writes a
-    plain ByteLevel decoder). Where the chain holds a ByteLevel decoder the vocabulary is byte-level, so that
-    decoder alone is the right reading.
+    plain ByteLevel decoder). Where the chain holds a ByteLevel decoder and the vocabulary no <0x..> byte
+    tokens, the vocabulary is byte-level, and that decoder alone is the right reading.
     """
     spec = json.loads(tokenizer_json)
     decoder = spec.get("decoder") or {}
     if decoder.get("type") != "Sequence":
         return tokenizer_json
     byte_level = [d for d in decoder.get("decoders") or [] if d.get("type") == "ByteLevel"]
-    if not byte_level:
-        return tokenizer_json
+    vocab = (spec.get("model") or {}).get("vocab")
+    if not byte_level or (isinstance(vocab, dict) and any(_BYTE_TOKEN.fullmatch(t) for t in vocab)):
+        return tokenizer_json  # not byte-level alone: <0x..> tokens need ByteFallback's reading
     spec["decoder"] = byte_level[0]
     if isinstance(spec.get("model"), dict) and "byte_fallback" in spec["model"]:
         spec["model"]["byte_fallback"] = False

@@ -74,9 +74,20 @@ def test_engine_process_flag_and_its_default(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(launcher, "cuda_present", lambda: False)
     assert not use_engine_process(None, "auto")
     monkeypatch.undo()
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden: none, whatever the machine has
-    assert not cuda_present()
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    # Device nodes decide (not /proc/driver/nvidia, which a container given no GPU may still show) ...
+    devices = ["null", "nvidia0", "nvidiactl"]
+    monkeypatch.setattr(os, "listdir", lambda path: devices if path == "/dev" else [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cuda_present()
+    for visible in ("0", "1,0", "GPU-8e6d", "MIG-1f2a"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert cuda_present()
+    # ... unless CUDA_VISIBLE_DEVICES hides them all: CUDA stops at its first entry that names no device.
+    for hidden in ("", "-1", "NoDevFiles", "none,0"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not cuda_present()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    devices[:] = ["null", "nvidiactl", "nvidia-uvm"]  # the driver's control nodes without a GPU
     assert not cuda_present()
 
 
