@@ -110,6 +110,7 @@ def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
 
     from ember.bench.roofline import attention_flops, measure, weight_bytes_per_step
     from ember.config import EngineConfig
+    from ember.engine.kv_cache import kv_cache_dtype as resolve_kv_dtype
     from ember.model.config import ModelArchConfig
     from ember.model.loader import resolve_model
 
@@ -122,7 +123,7 @@ def serving_roofline(model_cfg: str, concurrency: int, inp: int, out: int,
     attn = attention_flops(arch, concurrency, ctx) + attention_flops(arch, int(prefill), inp / 2)
     step = roof.step_time(arch, dtype, int(concurrency + prefill), concurrency * ctx, attn,
                           lm_head_rows=concurrency, weight_bytes=weight_bytes_per_step(arch, dtype, quantization),
-                          kv_dtype=torch.float8_e4m3fn if kv_cache_dtype.startswith("fp8") else None)
+                          kv_dtype=resolve_kv_dtype(kv_cache_dtype, dtype, dev))
     return {"roofline_step_ms": step * 1e3, "roofline_prefill_tokens_per_step": prefill, **roof.rates()}
 
 

@@ -157,13 +157,13 @@ def _max_model_len(arch: ModelArchConfig, requested: int | None) -> int:
     return requested
 
 
-def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, block_size: int, tp: TensorParallel) -> int:
+def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, block_size: int, kv_dtype: torch.dtype,
+                  tp: TensorParallel) -> int:
     """KV-cache blocks for the budget (a given size, or what profiling leaves of --gpu-memory-utilization); every
     tensor-parallel rank runs this (the GPU profiling pass has all-reduces) and they keep the smallest count."""
     if config.num_gpu_blocks_override:
         return config.num_gpu_blocks_override
-    per_block = bytes_per_block(loaded.arch, block_size,
-                                kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.device), tp.size)
+    per_block = bytes_per_block(loaded.arch, block_size, kv_dtype, tp.size)
     if config.kv_cache_memory_bytes:
         budget = config.kv_cache_memory_bytes
     elif loaded.device.type == "cuda":
@@ -282,7 +282,7 @@ class LLMEngine:
         t3 = time.perf_counter()
         self.block_size = config.block_size
         self.kv_dtype = kv_cache_dtype(config.kv_cache_dtype, self.dtype, self.device)
-        num_blocks = num_kv_blocks(config, self.loaded, self.block_size, self.tp)
+        num_blocks = num_kv_blocks(config, self.loaded, self.block_size, self.kv_dtype, self.tp)
         self.kv_caches = allocate_kv_cache(self.arch, num_blocks, self.block_size, self.kv_dtype, self.device,
                                            self.tp.size)
         self.timings.kv_cache_s = time.perf_counter() - t3

@@ -201,9 +201,9 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
     conn.close()
     if tp.broadcast_object()[0] != "start":  # the driver gave up before sizing the cache
         return
-    num_blocks = num_kv_blocks(config, loaded, config.block_size, tp)
-    kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size,
-                                  kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, device), device, tp.size)
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, device)
+    num_blocks = num_kv_blocks(config, loaded, config.block_size, kv_dtype, tp)
+    kv_caches = allocate_kv_cache(loaded.arch, num_blocks, config.block_size, kv_dtype, device, tp.size)
     runner = ModelRunner(loaded.model, kv_caches, config.block_size, device,
                          get_attention_backend(config.attention_backend, device), None, tp)
     shape = decode_graph_shape(config, device, runner.attn, loaded.max_model_len)

@@ -38,6 +38,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _agreement_with(llm: LLM, prompts: list[list[int]], ref: list[list[int]]) -> tuple[int, int, int]:
+    """(positions before the first free-running divergence, top-1 agreements teacher-forced on `ref`, positions)."""
+    outs = llm.generate(prompt_token_ids=prompts,
+                        sampling_params=SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    free = sum(_common_prefix(o.outputs[0].token_ids, r) for o, r in zip(outs, ref, strict=True))
+    forced = llm.generate(prompt_token_ids=[p + r for p, r in zip(prompts, ref, strict=True)],
+                          sampling_params=SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+    agree = total = 0
+    for p, r, o in zip(prompts, ref, forced, strict=True):
+        for j, tok in enumerate(r):
+            total += 1
+            agree += o.prompt_logprobs[len(p) + j][tok].rank == 1
+    return free, agree, total
+
+
 def test_gpu_fp32_free_running_matches_cpu(cpu_reference):
     prompts, ref = cpu_reference
     llm = LLM(device="cuda", dtype="float32", max_num_seqs=32)
@@ -59,16 +74,7 @@ def test_gpu_bf16_agrees_with_cpu_choices(cpu_reference):
     """
     prompts, ref = cpu_reference
     llm = LLM(device="cuda", dtype="bfloat16", max_num_seqs=32)
-    outs = llm.generate(prompt_token_ids=prompts,
-                        sampling_params=SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    free = sum(_common_prefix(o.outputs[0].token_ids, r) for o, r in zip(outs, ref, strict=True))
-    forced = llm.generate(prompt_token_ids=[p + r for p, r in zip(prompts, ref, strict=True)],
-                          sampling_params=SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
-    agree = total = 0
-    for p, r, o in zip(prompts, ref, forced, strict=True):
-        for j, tok in enumerate(r):
-            total += 1
-            agree += o.prompt_logprobs[len(p) + j][tok].rank == 1
+    free, agree, total = _agreement_with(llm, prompts, ref)
     print(f"bf16 GPU vs fp32 CPU: top-1 agreement {agree}/{total} teacher-forced; "
           f"{free}/{total} positions before the first free-running divergence")
     assert agree >= 0.99 * total
@@ -83,17 +89,8 @@ def test_gpu_fp8_kv_cache_agrees_with_cpu_choices(cpu_reference):
     prompts, ref = cpu_reference
     llm = LLM(device="cuda", dtype="bfloat16", max_num_seqs=32, kv_cache_dtype="fp8")
     assert llm.engine.cuda_graphs_enabled and llm.engine.kv_caches[0][0].dtype == torch.float8_e4m3fn
-    outs = llm.generate(prompt_token_ids=prompts,
-                        sampling_params=SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    free = sum(_common_prefix(o.outputs[0].token_ids, r) for o, r in zip(outs, ref, strict=True))
+    free, agree, total = _agreement_with(llm, prompts, ref)
     one = llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(temperature=0, max_tokens=8))
-    forced = llm.generate(prompt_token_ids=[p + r for p, r in zip(prompts, ref, strict=True)],
-                          sampling_params=SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
-    agree = total = 0
-    for p, r, o in zip(prompts, ref, forced, strict=True):
-        for j, tok in enumerate(r):
-            total += 1
-            agree += o.prompt_logprobs[len(p) + j][tok].rank == 1
     print(f"FP8 KV cache, bf16 GPU vs fp32 CPU: top-1 agreement {agree}/{total} teacher-forced; "
           f"{free}/{total} positions before the first free-running divergence; batch 1: {one[0].outputs[0].text!r}")
     assert agree >= 0.95 * total
