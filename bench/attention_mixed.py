@@ -1,6 +1,7 @@
 """Paged attention on a mixed batch like the offline-throughput workload's steady state, and on its two halves.
 
     python bench/attention_mixed.py [--decodes 245 --decode-context 1088 --chunks 1024 1024 1024 1024 700]
+                                    [--kv-cache-dtype fp8] [--no-sweep]
 
 One step of `ember bench throughput` on Llama-3.1-8B (1024 in, 128 out) holds ~245 decodes of ~1.1k-token
 contexts and ~4.7k prefill-chunk tokens. The unified kernel runs them in one launch with one tile shape. This
@@ -48,13 +49,17 @@ def main() -> None:
     ap.add_argument("--decodes", type=int, default=245)
     ap.add_argument("--decode-context", type=int, default=1088)
     ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 1024, 1024, 1024, 700])
+    ap.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16",
+                    help="the cache's element type (fp8: E4M3, as `--kv-cache-dtype fp8` stores it)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the tile-shape sweeps")
     args = ap.parse_args()
+    kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
     n_dec, chunks = args.decodes, args.chunks
     tokens = n_dec * (args.decode_context + 1) + sum(chunks)
     num_blocks = tokens // BLOCK + 2 * (n_dec + len(chunks)) + 8
-    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to("cuda", torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to("cuda", kv_dtype)
+    v_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, DIM, generator=gen).to("cuda", kv_dtype)
     perm = torch.randperm(num_blocks - 1, generator=gen).add(1).tolist()
     scale = DIM ** -0.5
     dec_q, dec_c = [1] * n_dec, [args.decode_context] * n_dec
@@ -72,17 +77,19 @@ def main() -> None:
     src = torch.randn(1 << 28, device="cuda")
     dst = torch.empty_like(src)
     copy_gbs = 2 * src.numel() * 4 / (do_bench(lambda: dst.copy_(src), rep=40) * 1e-3) / 1e9
-    kv_bytes = n_dec * (args.decode_context + 1) * KV_HEADS * DIM * 2 * 2
+    kv_bytes = n_dec * (args.decode_context + 1) * KV_HEADS * DIM * 2 * k_cache.element_size()
     # Dense causal SDPA on the chunks: the FlashAttention peer.
     sd = [(torch.randn(1, HEADS, c, DIM, generator=gen).to("cuda", torch.bfloat16),
            torch.randn(1, HEADS, c, DIM, generator=gen).to("cuda", torch.bfloat16)) for c in chunks]
     t_sdpa = do_bench(lambda: [F.scaled_dot_product_attention(q, k, k, is_causal=True) for q, k in sd],
                       rep=40) * 1e3
-    print(f"copy {copy_gbs:,.0f} GB/s; decodes' K/V {kv_bytes / 1e9:.2f} GB -> floor "
+    print(f"{args.kv_cache_dtype} cache; copy {copy_gbs:,.0f} GB/s; decodes' K/V {kv_bytes / 1e9:.2f} GB -> floor "
           f"{kv_bytes / copy_gbs / 1e3:.0f} us; prefill chunks {chunks}: SDPA (flash) {t_sdpa:.0f} us")
     print(f"mixed batch, one launch (default shape): {run(mixed):8.0f} us")
     print(f"decodes alone (default shape):          {run(dec):8.0f} us")
     print(f"prefill alone (default shape):          {run(pre):8.0f} us")
+    if args.no_sweep:
+        return
     for bm, tn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
         try:
             t = run(pre, block_m=bm, tile_n=tn, num_warps=warps, num_stages=stages)
