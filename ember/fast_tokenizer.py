@@ -41,7 +41,7 @@ PLAIN_MODEL_TYPES = ("llama",)
 # tokenizer_config keys with which transformers changes the backend or its use: such directories go to it.
 _REWRITING_KEYS = ("add_bos_token", "add_eos_token", "split_special_tokens", "fix_mistral_regex", "auto_map",
                    "additional_special_tokens", "extra_special_tokens", "model_specific_special_tokens",
-                   "clean_up_tokenization_spaces", "fast_tokenizer_files", "tokenizer_file")
+                   "fast_tokenizer_files", "tokenizer_file")
 _ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 
 
@@ -81,6 +81,8 @@ def _unsupported(d: Path) -> str | None:
     present = [k for k in _REWRITING_KEYS if cfg.get(k) not in (None, False, [], {})]
     if present:
         return f"tokenizer_config sets {', '.join(present)}"
+    if cfg.get("clean_up_tokenization_spaces") and not _ignores_bpe_clean_up(cfg):
+        return "tokenizer_config sets clean_up_tokenization_spaces"
     others = [k for k, v in cfg.items() if k.endswith("_token") and k not in SPECIAL_TOKEN_ATTRIBUTES
               and isinstance(v, (str, dict))]
     if others:
@@ -97,6 +99,20 @@ def _unsupported(d: Path) -> str | None:
                for k, v in stm.items()):
             return "special_tokens_map.json differs from tokenizer_config.json"
     return None
+
+
+def _ignores_bpe_clean_up(cfg: Mapping[str, Any]) -> bool:
+    """Whether the installed transformers decodes a BPE model without clean_up_tokenization_spaces' rewriting
+    although tokenizer_config asks for it (transformers >= 5.7 does, unless told it must; Llama 3.1's and
+    transformers 5.17's GGUF conversions set it). Read from the package metadata: importing transformers is
+    what the fast path avoids. `FastTokenizer.from_dir` checks that the model is BPE."""
+    from importlib import metadata
+
+    try:
+        version = tuple(int(p) for p in metadata.version("transformers").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return version >= (5, 7) and not cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
 
 
 class FastTokenizer:
@@ -122,6 +138,8 @@ class FastTokenizer:
         backend = Tokenizer.from_file(str(d / "tokenizer.json"))
         if backend.padding is not None:  # transformers takes pad_token from it: its reading is not plain
             raise ValueError("tokenizer.json sets padding")
+        if cfg.get("clean_up_tokenization_spaces") and type(backend.model).__name__ != "BPE":
+            raise ValueError("clean_up_tokenization_spaces on a model other than BPE (transformers applies it)")
         added = {t.content: (i, t) for i, t in backend.get_added_tokens_decoder().items()}
         # Entries of added_tokens_decoder that tokenizer.json lacks would be added by transformers.
         for idx, entry in (cfg.get("added_tokens_decoder") or {}).items():

@@ -192,7 +192,8 @@ def test_saved_directory_reads_back(embedded_dir: Path, tmp_path: Path) -> None:
     {"tokenizer_class": "LlamaTokenizer"},
     {"tokenizer_class": None},
     {"add_bos_token": True},
-    {"clean_up_tokenization_spaces": True},
+    {"clean_up_tokenization_spaces": True,
+     "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True},
     {"split_special_tokens": True},
     {"additional_special_tokens": ["<|im_start|>"]},
     {"image_token": "<|im_start|>"},
@@ -215,6 +216,50 @@ def test_other_directories_go_to_transformers(llama_like_dir: Path, tmp_path: Pa
             cfg[key] = value
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert load_fast_tokenizer(d) is None
+
+
+def _transformers_ignores_bpe_clean_up() -> bool:
+    """transformers >= 5.7 skips clean_up_tokenization_spaces for BPE models unless told it must."""
+    import transformers
+
+    return tuple(int(p) for p in transformers.__version__.split(".")[:2]) >= (5, 7)
+
+
+def test_clean_up_tokenization_spaces_on_a_bpe_model(llama_like_dir: Path, tmp_path: Path) -> None:
+    """Llama 3.1's tokenizer_config (and transformers 5.17's GGUF conversion) set clean_up_tokenization_spaces;
+    the transformers in use decides whether decoding rewrites " ." and " 's", and the fast path follows it."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "tok"
+    shutil.copytree(llama_like_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["clean_up_tokenization_spaces"] = True
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    fast = load_fast_tokenizer(d)
+    if not _transformers_ignores_bpe_clean_up():
+        assert fast is None
+        return
+    assert fast is not None
+    hf = AutoTokenizer.from_pretrained(d)
+    ids = hf.encode("don't , . ? ! 's 've", add_special_tokens=False)
+    assert fast.decode(ids) == hf.decode(ids) == "don't , . ? ! 's 've"
+    _assert_same(fast, hf)
+
+
+def test_clean_up_tokenization_spaces_on_another_model_goes_to_transformers(tmp_path: Path) -> None:
+    """transformers applies the clean-up to WordPiece and other models: the fast path does not read those."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, ",": 2, "'s": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(["[UNK]"])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    cfg = {"tokenizer_class": "TokenizersBackend", "unk_token": "[UNK]", "clean_up_tokenization_spaces": False}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_fast_tokenizer(tmp_path) is not None
+    cfg["clean_up_tokenization_spaces"] = True
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_fast_tokenizer(tmp_path) is None
 
 
 def test_padding_in_tokenizer_json_goes_to_transformers(llama_like_dir: Path, tmp_path: Path) -> None:
