@@ -1,15 +1,15 @@
 """Would torch.compile pay in ember's forward? Its small ops and products against what inductor makes of them.
 
-    python bench/torch_compile.py [--tokens 1 64 512] [--max-autotune] [--json FILE]
+    python bench/torch_compile.py [--tokens 1 64 512] [--max-autotune] [--per-op] [--json FILE]
 
 A Llama-3.1-8B layer (hidden 4096, intermediate 14336, 32 q and 8 KV heads of 128) without its attention, at a
 given number of tokens a step, three ways: ember's own path (its Triton kernels for residual add + RMSNorm and
 SiLU·mul, the batch-1 GEMV or cuBLAS for the products), the torch reference of the same ops compiled by
 torch.compile (inductor fuses the elementwise ops into its own Triton kernels and calls cuBLAS for the
 products), and, with --max-autotune, that compiled with mode="max-autotune-no-cudagraphs" (inductor also tries
-its Triton GEMM templates, with the elementwise ops fused into their epilogues). Each op alone and the whole
-chain are timed as the engine runs a decode step: medians of CUDA-graph replays. Attention is left out: ember's
-paged kernels have no torch.compile counterpart short of a different kernel (`bench/attention_kernels.py`).
+its Triton GEMM templates, with the elementwise ops fused into their epilogues). The whole chain (--per-op:
+each op too) is timed as the engine runs a decode step: medians of CUDA-graph replays. Attention is left out:
+ember's paged kernels have no torch.compile counterpart short of a different kernel (`bench/attention_kernels.py`).
 
 On a CPU (`--device cpu`, small shapes: `--hidden 256 --intermediate 512`) it checks the script's arithmetic
 only; the timings mean nothing there.
@@ -92,6 +92,38 @@ class Layer:
         return F.linear(silu_mul_ref(F.linear(h, self.gate_up.weight)), self.down.weight), qkv, res
 
 
+def op_cases(layer: Layer, t: int, hidden: int, inter: int, device: torch.device, dtype: torch.dtype
+             ) -> dict[str, tuple[Callable[..., object], Callable[..., object], tuple[torch.Tensor, ...]]]:
+    """Each op of the chain alone: (ember's, the torch reference, inputs) at `t` tokens."""
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    x = rand(t, hidden)
+    cases: dict[str, tuple[Callable[..., object], Callable[..., object], tuple[torch.Tensor, ...]]] = {
+        "add_rms_norm": (layer.norm1, lambda a, r: rms_norm_ref(a, layer.norm1.weight, EPS, r), (x, rand(t, hidden))),
+        "silu_mul": (silu_mul, silu_mul_ref, (rand(t, 2 * inter),)),
+    }
+    for name, lin, width in (("qkv", layer.qkv, hidden), ("o", layer.o, hidden),
+                             ("gate_up", layer.gate_up, hidden), ("down", layer.down, inter)):
+        cases[name] = (lin, functools.partial(lambda a, w: F.linear(a, w), w=lin.weight), (rand(t, width),))
+    return cases
+
+
+def per_op_rows(layer: Layer, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                us: Callable[[Callable[[], object]], float]) -> list[dict[str, object]]:
+    rows = []
+    for t in args.tokens:
+        for name, (ours, ref, inputs) in op_cases(layer, t, args.hidden, args.intermediate, device, dtype).items():
+            compiled = torch.compile(ref, dynamic=False)
+            compiled(*inputs)
+            row = {"tokens": t, "op": name, "ember_us": us(functools.partial(ours, *inputs)),
+                   "compiled_us": us(functools.partial(compiled, *inputs))}
+            rows.append(row)
+            print(f"  tokens {t:4d} {name:12s} ember {row['ember_us']:7.1f} us, compiled {row['compiled_us']:7.1f} us "
+                  f"({row['compiled_us'] / row['ember_us']:.3f}x)", flush=True)
+    return rows
+
+
 def max_rel_err(out: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> float:
     return max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(out, ref, strict=True))
 
@@ -104,6 +136,7 @@ def main() -> None:
     ap.add_argument("--qkv-out", type=int, default=6144, help="q + k + v widths (32 + 2 * 8 heads of 128)")
     ap.add_argument("--layers", type=int, default=32, help="to scale one layer's time to a step")
     ap.add_argument("--max-autotune", action="store_true", help="also mode=max-autotune-no-cudagraphs")
+    ap.add_argument("--per-op", action="store_true", help="also time each op alone")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -138,9 +171,10 @@ def main() -> None:
             f"{v} {row[f'{v}_us']:.1f} us ({row[f'{v}_us'] / base:.3f}x, first call {row[f'{v}_first_call_s']} s, "
             f"err {row[f'{v}_max_rel_err']:.1e})" for v in variants)
             + f"; a step: ember {base * args.layers / 1e3:.2f} ms", flush=True)
+    ops = per_op_rows(layer, args, device, dtype, us) if args.per_op else []
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "torch": torch.__version__, "dtype": str(dtype),
-                                               "args": vars(args), "rows": rows}, indent=1))
+                                               "args": vars(args), "rows": rows, "ops": ops}, indent=1))
 
 
 if __name__ == "__main__":
