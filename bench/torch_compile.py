@@ -114,6 +114,9 @@ def per_op_rows(layer: Layer, args: argparse.Namespace, device: torch.device, dt
     rows = []
     for t in args.tokens:
         for name, (ours, ref, inputs) in op_cases(layer, t, args.hidden, args.intermediate, device, dtype).items():
+            # The products share one function: without a reset its compiled versions pile up to dynamo's
+            # recompile limit, after which it silently runs them eagerly.
+            torch._dynamo.reset()
             compiled = torch.compile(ref, dynamic=False)
             compiled(*inputs)
             row = {"tokens": t, "op": name, "ember_us": us(functools.partial(ours, *inputs)),
