@@ -322,7 +322,8 @@ PromptInput = Text | list[Text] | list[TokenId] | list[list[TokenId]]
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(16, ge=1, description="Default 16; null: the rest of the context.")
+    max_tokens: int | None = Field(16, ge=0, description="Default 16; null: the rest of the context; 0: no new "
+                                   "tokens, only the prompt scored (with echo and logprobs).")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, description="Only best_of == n (the default) is supported.")

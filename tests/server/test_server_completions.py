@@ -133,3 +133,29 @@ def test_completion_echo_with_logprobs(client: openai.OpenAI, http: httpx.Client
     slp = first.choices[0].logprobs
     assert slp is not None and slp.token_logprobs is not None
     assert slp.token_logprobs[: len(ids)] == lp.token_logprobs[: len(ids)]
+
+
+def test_completion_max_tokens_0_scores_the_prompt(client: openai.OpenAI, http: httpx.Client) -> None:
+    """echo + logprobs + max_tokens 0, as lm-evaluation-harness asks for a loglikelihood: the prompt's own
+    logprobs and no new tokens."""
+    ids = _ids(http, PROMPT)
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=2, **GREEDY)
+    r = client.completions.create(model=MODEL, prompt=[PROMPT, PROMPT], echo=True, logprobs=2, max_tokens=0,
+                                  temperature=0)
+    assert r.usage is not None and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == 2 * len(ids)
+    for choice in r.choices:
+        assert choice.text == PROMPT and choice.finish_reason == "length"
+        lp = choice.logprobs
+        assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(ids)
+        assert lp.token_logprobs[0] is None
+        ref = (whole.choices[0].logprobs.token_logprobs or [])[: len(ids)]  # type: ignore[union-attr]
+        assert all(a == b or abs(a - b) < 1e-4 for a, b in zip(lp.token_logprobs[1:], ref[1:], strict=True))
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=2, max_tokens=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.text for c in chunks for ch in c.choices) == PROMPT
+    assert [ch.finish_reason for c in chunks for ch in c.choices][-1] == "length"
+    assert sum(len(ch.logprobs.tokens or []) for c in chunks for ch in c.choices if ch.logprobs) == len(ids)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 0
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+    assert plain.choices[0].text == "" and plain.choices[0].finish_reason == "length"
