@@ -120,6 +120,7 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the prompt's last k tokens.")
     # Structured outputs (ember.structured): OpenAI's response_format, or vLLM's structured_outputs.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None

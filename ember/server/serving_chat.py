@@ -34,6 +34,7 @@ class OpenAIServingChat(OpenAIServing):
         plan = await self.structured.chat_plan(req)
         prompt, prompt_ids = self.render_chat(req.messages, req.add_generation_prompt, plan.template_tools,
                                               plan.chat_template)
+        prompt, prompt_ids = self.truncate_prompt(req, prompt, prompt_ids)
         # max_completion_tokens replaced max_tokens in OpenAI's API; either works, the newer one wins.
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens=max_tokens,

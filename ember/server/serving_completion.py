@@ -102,7 +102,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 self.check_token_ids(ids, "prompt")
             if not ids:
                 raise bad_request("prompt must not be empty", "prompt")
-            out.append((text, ids))
+            out.append(self.truncate_prompt(req, text, ids))
         return out
 
     def _echo_text(self, gen: Generation) -> str:

@@ -46,6 +46,15 @@ class OpenAIServing:
         if bad is not None:
             raise bad_request(f"token id {bad} is out of the vocabulary (size {vocab})", param)
 
+    @staticmethod
+    def truncate_prompt(req: SamplingFields, text: str | None, ids: list[int]) -> tuple[str | None, list[int]]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (the text goes with the cut: an echo or a
+        log then decodes the tokens kept)."""
+        k = req.truncate_prompt_tokens
+        if k is None or len(ids) <= k:
+            return text, ids
+        return None, ids[-k:]
+
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                     tools: list[dict[str, Any]] | None = None,
                     chat_template: str | None = None) -> tuple[str, list[int]]:

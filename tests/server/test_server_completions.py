@@ -159,3 +159,26 @@ def test_completion_max_tokens_0_scores_the_prompt(client: openai.OpenAI, http: 
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 0
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
     assert plain.choices[0].text == "" and plain.choices[0].finish_reason == "length"
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client: openai.OpenAI, http: httpx.Client) -> None:
+    ids = _ids(http, PROMPT)
+    last3 = http.post("/detokenize", json={"tokens": ids[-3:]}).json()["prompt"]
+    r = client.completions.create(model=MODEL, prompt=PROMPT, echo=True,
+                                  **{**GREEDY, "extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 3}})
+    assert r.usage is not None and r.usage.prompt_tokens == 3
+    assert r.choices[0].text.startswith(last3)
+    same = client.completions.create(model=MODEL, prompt=ids[-3:], **GREEDY)
+    assert r.choices[0].text == last3 + same.choices[0].text
+    # A prompt longer than the context fits once cut; a short one is left alone.
+    long = client.completions.create(model=MODEL, prompt=[ids[0]] * 5000, max_tokens=2,
+                                     extra_body={"truncate_prompt_tokens": 8})
+    assert long.usage is not None and long.usage.prompt_tokens == 8
+    short = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1,
+                                      extra_body={"truncate_prompt_tokens": 1000})
+    assert short.usage is not None and short.usage.prompt_tokens == len(ids)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi there"}],
+                                          max_tokens=1, extra_body={"truncate_prompt_tokens": 4})
+    assert chat.usage is not None and chat.usage.prompt_tokens == 4
+    bad = http.post("/v1/completions", json={"prompt": PROMPT, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
