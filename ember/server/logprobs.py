@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ember.outputs import Logprob, PositionLogprobs
-from ember.server.protocol import ChatLogprobToken, ChatLogprobTop, CompletionLogprobs
+from ember.server.protocol import ChatLogprobToken, ChatLogprobTop, CompletionLogprobs, PromptLogprob, PromptLogprobs
 from ember.tokenizer import Tokenizer
 
 # JSON has no -inf; vLLM reports impossible tokens as -9999.0 and so do we.
@@ -65,6 +65,22 @@ class LogprobFormatter:
                                           bytes=self.token_bytes(tid, alt)))
             out.append(ChatLogprobToken(token=text, logprob=_clamp(entry.logprob) if entry else _MIN_LOGPROB,
                                         bytes=self.token_bytes(tok, text), top_logprobs=top))
+        return out
+
+    def prompt(self, token_ids: list[int], positions: list[PositionLogprobs | None] | None,
+               top_k: int) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: per prompt token, the token itself and the top_k most likely there."""
+        out: PromptLogprobs = []
+        for i, tok in enumerate(token_ids):
+            position = positions[i] if positions is not None and i < len(positions) else None
+            if position is None:
+                out.append(None)
+                continue
+            chosen = dict(self._top(position, top_k))
+            if tok in position:
+                chosen[tok] = position[tok]
+            out.append({str(tid): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
+                                                decoded_token=self._text(tid, lp)) for tid, lp in chosen.items()})
         return out
 
     def completion(self, token_ids: list[int], positions: list[PositionLogprobs | None], top_k: int,

@@ -121,6 +121,8 @@ class SamplingFields(RequestModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the prompt's last k tokens.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "Per prompt token, its logprob and the k most likely tokens there (not with stream)."))
     # Structured outputs (ember.structured): OpenAI's response_format, or vLLM's structured_outputs.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsParams | None = None
@@ -129,6 +131,8 @@ class SamplingFields(RequestModel):
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true")
         return self
 
     @property
@@ -269,6 +273,18 @@ class ChatCompletionChoice(ResponseModel):
     stop_reason: int | str | None = Field(None, description="vLLM: the stop string or token id that hit.")
 
 
+class PromptLogprob(ResponseModel):
+    """vLLM's prompt_logprobs entry: one candidate token at one prompt position."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt position (None for the first, which has no context): token id (as a string) -> its entry.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(ResponseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -276,6 +292,7 @@ class ChatCompletionResponse(ResponseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaFunctionCall(ResponseModel):
@@ -354,6 +371,7 @@ class CompletionChoice(ResponseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(ResponseModel):

@@ -39,6 +39,7 @@ class OpenAIServingChat(OpenAIServing):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self.sampling_params(req, max_tokens=max_tokens,
                                       logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                      prompt_logprobs=req.prompt_logprobs,
                                       structured_output=plan.structured_output)
         request_id = random_id("chatcmpl")
         gen = Generation(self.engine, request_id, prompt, prompt_ids, params)
@@ -64,8 +65,10 @@ class OpenAIServingChat(OpenAIServing):
                         plan: ChatPlan) -> ChatCompletionResponse:
         await gen.start()
         last = None
+        prompt_positions = None
         async for out in gen:
             last = out
+            prompt_positions = prompt_positions or out.prompt_logprobs
         assert last is not None
         choices = []
         for o in sorted(last.outputs, key=lambda o: o.index):
@@ -76,7 +79,10 @@ class OpenAIServingChat(OpenAIServing):
         completion_tokens = sum(len(o.token_ids) for o in last.outputs)
         usage = UsageInfo(prompt_tokens=len(gen.prompt_token_ids), completion_tokens=completion_tokens,
                           total_tokens=len(gen.prompt_token_ids) + completion_tokens)
-        return ChatCompletionResponse(id=gen.request_id, model=model, choices=choices, usage=usage)
+        prompt_logprobs = None if req.prompt_logprobs is None else self.logprobs.prompt(
+            gen.prompt_token_ids, prompt_positions, req.prompt_logprobs)
+        return ChatCompletionResponse(id=gen.request_id, model=model, choices=choices, usage=usage,
+                                      prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def _message(o: CompletionOutput, plan: ChatPlan) -> ChatResponseMessage:

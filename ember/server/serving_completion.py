@@ -59,6 +59,8 @@ class OpenAIServingCompletion(OpenAIServing):
         prompts = self._prompts(req)
         # echo + logprobs reports the prompt's own logprobs too, which the engine computes only when asked.
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        if req.prompt_logprobs is not None:  # vLLM's: the same scores, reported on their own
+            prompt_logprobs = max(prompt_logprobs or 0, req.prompt_logprobs)
         # max_tokens 0 (prompt scoring, e.g. lm-evaluation-harness's loglikelihood requests: echo, logprobs): the
         # engine always samples after a prefill, so it runs one token and the responses leave it out.
         params = self.sampling_params(req, max_tokens=1 if req.max_tokens == 0 else req.max_tokens,
@@ -144,9 +146,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     part, _ = self.logprobs.completion(o.token_ids, list(o.logprobs or []), req.logprobs,
                                                        len(prefix))
                     _extend(logprobs, part)
-                choices.append(CompletionChoice(index=i * n + o.index, text=prefix + o.text,
-                                                logprobs=logprobs, finish_reason=o.finish_reason,
-                                                stop_reason=o.stop_reason))
+                choices.append(CompletionChoice(
+                    index=i * n + o.index, text=prefix + o.text, logprobs=logprobs, finish_reason=o.finish_reason,
+                    stop_reason=o.stop_reason,
+                    prompt_logprobs=None if req.prompt_logprobs is None else self.logprobs.prompt(
+                        gen.prompt_token_ids, prompt_positions[i], req.prompt_logprobs)))
         return CompletionResponse(id=base_id, model=model, choices=choices,
                                   usage=_usage(gens, completion_tokens))
 

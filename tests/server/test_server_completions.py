@@ -182,3 +182,28 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(client: openai.OpenAI, htt
     assert chat.usage is not None and chat.usage.prompt_tokens == 4
     bad = http.post("/v1/completions", json={"prompt": PROMPT, "truncate_prompt_tokens": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
+def test_prompt_logprobs_vllm_extra(client: openai.OpenAI, http: httpx.Client) -> None:
+    """vLLM's prompt_logprobs: per prompt token {token id: {logprob, rank, decoded_token}}, the token itself and
+    the k most likely there; the first position null. The same scores as echo's."""
+    ids = _ids(http, PROMPT)
+    echo = client.completions.create(model=MODEL, prompt=PROMPT, echo=True, logprobs=1, max_tokens=0)
+    ref = echo.choices[0].logprobs.token_logprobs  # type: ignore[union-attr]
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "prompt_logprobs": 2}).json()
+    plp = r["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for j in range(1, len(ids)):
+        entry = plp[j]
+        assert str(ids[j]) in entry and 2 <= len(entry) <= 3
+        assert abs(entry[str(ids[j])]["logprob"] - ref[j]) < 1e-4  # type: ignore[index]
+        ranks = sorted(e["rank"] for e in entry.values())
+        assert ranks[:2] == [1, 2] and all(isinstance(e["decoded_token"], str) for e in entry.values())
+    plain = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).json()
+    assert plain["choices"][0]["prompt_logprobs"] is None
+    chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert all(len(p) == 1 for p in chat["prompt_logprobs"][1:])  # k = 0: the prompt token alone
+    bad = http.post("/v1/completions", json={"prompt": PROMPT, "prompt_logprobs": 1, "stream": True})
+    assert bad.status_code == 400
