@@ -105,6 +105,8 @@ class Request:
 
     def wants_prompt_logprobs(self, seq: Sequence) -> bool:
         """Prompt logprobs are computed once, by the first sequence, while its prompt is prefilled."""
-        if self.params.prompt_logprobs is None or seq.index != 0:
+        # A one-token prompt has nothing to score (its token has no context), and must not keep the request
+        # wanting scores: that would keep every batch it is in off the CUDA graphs and the async overlap.
+        if self.params.prompt_logprobs is None or seq.index != 0 or len(self.prompt_token_ids) <= 1:
             return False
         return self.prompt_logprobs is None or len(self.prompt_logprobs) < len(self.prompt_token_ids)

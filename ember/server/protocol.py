@@ -120,7 +120,8 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    truncate_prompt_tokens: int | None = Field(None, ge=1, description="Keep only the prompt's last k tokens.")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description=(
+        "Keep only the prompt's last k tokens (a text prompt keeps its BOS); -1: the model's context length."))
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
         "Per prompt token, its logprob and the k most likely tokens there (not with stream)."))
     # Structured outputs (ember.structured): OpenAI's response_format, or vLLM's structured_outputs.
@@ -355,6 +356,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of other than n is not supported")
         if self.suffix is not None:
             raise ValueError("suffix is not supported")
+        if self.max_tokens == 0 and self.min_tokens > 0:
+            raise ValueError("min_tokens must be 0 when max_tokens is 0")
         return self
 
 

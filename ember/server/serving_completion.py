@@ -57,6 +57,14 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest, raw: Request) -> CompletionResponse | Response:
         model = self.resolve_model(req.model)
         prompts = self._prompts(req)
+        if req.max_tokens == 0:
+            limit = self.engine.max_model_len
+            longest = max(len(ids) for _, ids in prompts)
+            if longest >= limit:  # the one position the engine runs after the prompt must fit too
+                raise bad_request(
+                    f"This model's maximum context length is {limit} tokens. Scoring a prompt (max_tokens 0) "
+                    f"takes one position after it, so prompts of at most {limit - 1} tokens; got {longest}.",
+                    "prompt", "context_length_exceeded")
         # echo + logprobs reports the prompt's own logprobs too, which the engine computes only when asked.
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         if req.prompt_logprobs is not None:  # vLLM's: the same scores, reported on their own
@@ -104,7 +112,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 self.check_token_ids(ids, "prompt")
             if not ids:
                 raise bad_request("prompt must not be empty", "prompt")
-            out.append(self.truncate_prompt(req, text, ids))
+            out.append(self.truncate_prompt(req, text, ids, specials_added=text is not None and req.add_special_tokens))
         return out
 
     def _echo_text(self, gen: Generation) -> str:

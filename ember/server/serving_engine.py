@@ -46,13 +46,29 @@ class OpenAIServing:
         if bad is not None:
             raise bad_request(f"token id {bad} is out of the vocabulary (size {vocab})", param)
 
-    @staticmethod
-    def truncate_prompt(req: SamplingFields, text: str | None, ids: list[int]) -> tuple[str | None, list[int]]:
-        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (the text goes with the cut: an echo or a
-        log then decodes the tokens kept)."""
+    def truncate_prompt(self, req: SamplingFields, text: str | None, ids: list[int],
+                        specials_added: bool = False) -> tuple[str | None, list[int]]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens. Where the tokenizer added special tokens to a
+        text prompt (`specials_added`: a BOS), those stay and the text's tokens are cut, as a tokenizer
+        truncating from the left does. The text goes with the cut: an echo or a log decodes the tokens kept."""
         k = req.truncate_prompt_tokens
-        if k is None or len(ids) <= k:
+        if k is None:
             return text, ids
+        limit = self.engine.max_model_len
+        if k == -1:
+            k = limit
+        if not 1 <= k <= limit:
+            raise bad_request(f"truncate_prompt_tokens must be -1 or from 1 to the context length ({limit}), "
+                              f"got {k}", "truncate_prompt_tokens")
+        if len(ids) <= k:
+            return text, ids
+        if specials_added and text is not None:
+            plain = self.tokenizer.encode(text, add_special_tokens=False)
+            extra = len(ids) - len(plain)
+            starts = [p for p in range(extra + 1) if ids[p:p + len(plain)] == plain] if extra > 0 else []
+            if starts and k > extra:
+                p = starts[0]
+                return None, ids[:p] + plain[len(plain) - (k - extra):] + ids[p + len(plain):]
         return None, ids[-k:]
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,

@@ -389,3 +389,18 @@ def test_last_pending_token_takes_no_block(make_llm):
         assert eng.scheduler.num_preemptions == 0
         _assert_no_leak(llm)
     assert results[True] == results[False]
+
+
+def test_a_one_token_prompt_with_prompt_logprobs_does_not_keep_steps_synchronous(make_llm):
+    """A one-token prompt has nothing to score: its request must stop wanting prompt logprobs (which keeps the
+    steps it is in synchronous and off the CUDA graphs) once it is running."""
+    llm = make_llm(async_scheduling=True)
+    eng = llm.engine
+    eng.add_request("one", None, [5], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1,
+                                                     ignore_eos=True))
+    req = eng.requests["one"]
+    assert not req.wants_prompt_logprobs(req.seqs[0])
+    out = llm.generate(prompt_token_ids=[[5]], sampling_params=SamplingParams(temperature=0, max_tokens=4,
+                                                                              prompt_logprobs=1, ignore_eos=True))
+    assert out[0].prompt_logprobs in (None, [None]) and len(out[0].outputs[0].token_ids) == 4
+    eng.abort_request("one")
