@@ -64,11 +64,10 @@ class OpenAIServing:
             return text, ids
         if specials_added and text is not None:
             plain = self.tokenizer.encode(text, add_special_tokens=False)
-            extra = len(ids) - len(plain)
-            starts = [p for p in range(extra + 1) if ids[p:p + len(plain)] == plain] if extra > 0 else []
-            if starts and k > extra:
-                p = starts[0]
-                return None, ids[:p] + plain[len(plain) - (k - extra):] + ids[p + len(plain):]
+            extra = len(ids) - len(plain)  # the special tokens around the text's own
+            start = next((p for p in range(extra + 1) if ids[p:p + len(plain)] == plain), None)
+            if 0 < extra < k and start is not None:
+                return None, ids[:start] + plain[len(plain) - (k - extra):] + ids[start + len(plain):]
         return None, ids[-k:]
 
     def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
