@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# `EMBER_RESIDUAL_IN_PRODUCTS=1`: the multi-row CUDA forward adds each residual in the product before the next
+# RMSNorm instead of in that norm's kernel (`LlamaDecoderLayer.forward_residual_in_products`). Off until a GPU run
+# shows it pays.
+RESIDUAL_IN_PRODUCTS = os.environ.get("EMBER_RESIDUAL_IN_PRODUCTS", "0") == "1"
 
 
 class Linear(nn.Linear):
@@ -31,11 +37,19 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, *, rms_eps: float | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
         """With `rms_eps`, x is RMS-normalised first (an RMSNorm whose weight was folded into this one's, see
-        `LlamaForCausalLM.fold_norms`); `residual` is added to the result. Both run inside the GEMV."""
+        `LlamaForCausalLM.fold_norms`); `residual` is added to the result. Both run inside the GEMV; on a GPU the
+        residual is also added inside cuBLAS's product, into `residual` itself (the caller must not reuse it)."""
         gemv = self.gemv_kernels(x)
         if gemv is not None:
             return gemv.gemv(x, self.weight, self.bias, rms_eps=rms_eps, residual=residual,
                              after_attention=self.after_attention)
+        if (residual is not None and x.is_cuda and rms_eps is None and self.bias is None and x.dim() == 2
+                and residual.shape == (x.shape[0], self.out_features) and residual.dtype == x.dtype
+                and residual.is_contiguous()):
+            # cuBLAS adds the residual in the product's epilogue (beta = 1), in place: an out-of-place addmm
+            # would first copy the residual into its output, the very pass this saves. The caller hands
+            # `residual` over; the sum is rounded once, as the GEMV rounds it.
+            return residual.addmm_(x, self.weight.t())
         return linear_ref(x, self.weight, self.bias, rms_eps=rms_eps, residual=residual)
 
 

@@ -72,6 +72,14 @@ class LlamaDecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
+    def forward_residual_in_products(self, positions, x, kv_cache, meta, attn) -> torch.Tensor:
+        """The layer with each residual added inside the product before the next norm (o_proj, down_proj: in
+        place, `Linear.forward`): x is the whole hidden state (residual included) and so is the result. The norms
+        then read their rows once and write them once, where a fused add + RMSNorm makes four passes over
+        [tokens, hidden]; many-token steps on one GPU save two of them a norm."""
+        h = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, attn, residual=x)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
+
     def forward_folded(self, positions, x, kv_cache, meta, attn) -> torch.Tensor:
         """The layer with its norms' weights folded into qkv_proj and gate_up_proj (`LlamaForCausalLM.fold_norms`):
         x is the whole hidden state (residual included) and so is the result. Each norm and residual add happens
@@ -90,12 +98,19 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norms_folded = False  # see LlamaForCausalLM.fold_norms
+        # Steps of several tokens through `LlamaDecoderLayer.forward_residual_in_products` (16-bit weights on one
+        # GPU: set by the loader).
+        self.residual_in_products = False
 
     def forward(self, input_ids, positions, kv_caches, meta, attn) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.norms_folded and x.shape[0] == 1:
             for layer, kv in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward_folded(positions, x, kv, meta, attn)
+            return self.norm(x)
+        if self.residual_in_products and x.shape[0] > 1:
+            for layer, kv in zip(self.layers, kv_caches, strict=True):
+                x = layer.forward_residual_in_products(positions, x, kv, meta, attn)
             return self.norm(x)
         residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):

@@ -126,3 +126,28 @@ def test_batch1_fused_paths_match_the_unfused_gpu_path(monkeypatch: pytest.Monke
             worst = max(worst, abs(la[tok].logprob - lb[tok].logprob))
     print(f"fused vs unfused batch-1 GPU paths: {same}/8 identical continuations; logprob diff at most {worst:.4f}")
     assert same >= 7 and worst < 0.1
+
+
+def test_residual_in_products_matches_the_fused_norm_path(monkeypatch: pytest.MonkeyPatch):
+    """Several sequences a step with each residual added inside cuBLAS's product (`Linear.forward`, in place)
+    against the add + RMSNorm kernel doing it: the sum is rounded once instead of twice, so tokens agree but for
+    rare near-ties, and logprobs stay close."""
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    runs = []
+    from ember.model import linear
+
+    for in_products in (False, True):
+        monkeypatch.setattr(linear, "RESIDUAL_IN_PRODUCTS", in_products)  # read by the loader, before capture
+        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=16) as llm:
+            assert llm.engine.model.model.residual_in_products == in_products
+            prompts = _prompts(llm.tokenizer)[:16]
+            runs.append([o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)])
+    same = worst = 0
+    for a, b in zip(*runs, strict=True):
+        same += a.token_ids == b.token_ids
+        n = _common_prefix(a.token_ids, b.token_ids)
+        for tok, la, lb in zip(a.token_ids[:n], a.logprobs[:n], b.logprobs[:n], strict=True):
+            worst = max(worst, abs(la[tok].logprob - lb[tok].logprob))
+    print(f"residual in products vs in the norm kernel: {same}/16 identical continuations; logprob diff at most "
+          f"{worst:.4f}")
+    assert same >= 14 and worst < 0.1

@@ -48,3 +48,26 @@ def test_folded_norms_give_the_same_tokens(tmp_path: Path, tiny_checkpoints, mon
     for (want_ids, want_lp), (got_ids, got_lp) in zip(want_batch + want_alone, got_batch + got_alone, strict=True):
         assert got_ids == want_ids
         assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(want_lp, got_lp, strict=True))
+
+
+def test_residual_in_products_gives_the_same_tokens(tmp_path: Path, tiny_checkpoints,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LlamaDecoderLayer.forward_residual_in_products` (each residual added by the product before the norm; on a
+    GPU inside cuBLAS, here by `linear_ref`): the same tokens and logprobs as the fused add + norm path, and the
+    one-sequence steps keep the usual path."""
+    path = tiny_checkpoints.write(tmp_path, tiny_checkpoints.weights(std=0.2, seed=5), tokenizer=True)
+    kw = dict(max_model_len=64, kv_cache_memory_bytes=4 << 20, enable_prefix_caching=False)
+    with LLM(str(path), **kw) as llm:
+        assert not llm.engine.model.model.residual_in_products  # the loader sets it on a GPU only
+        want = _generate(llm, PROMPTS)
+    rows = []
+    original = LlamaDecoderLayer.forward_residual_in_products
+    monkeypatch.setattr(LlamaDecoderLayer, "forward_residual_in_products",
+                        lambda self, positions, x, *a: rows.append(x.shape[0]) or original(self, positions, x, *a))
+    with LLM(str(path), **kw) as llm:
+        llm.engine.model.model.residual_in_products = True
+        got = _generate(llm, PROMPTS)
+    assert rows and min(rows) > 1  # the prompts' prefill and the three-sequence decodes; never one row
+    for (want_ids, want_lp), (got_ids, got_lp) in zip(want, got, strict=True):
+        assert got_ids == want_ids
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(want_lp, got_lp, strict=True))
