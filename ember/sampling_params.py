@@ -34,7 +34,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0: the prompt is only scored (with prompt_logprobs); no token is generated
     min_tokens: int = 0
     logprobs: int | None = None  # number of top alternatives besides the sampled token
     prompt_logprobs: int | None = None
@@ -74,8 +74,8 @@ class SamplingParams:
               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}", "frequency_penalty")
         check(0.0 < self.repetition_penalty <= 2.0 or self.repetition_penalty > 0.0,
               f"repetition_penalty must be positive, got {self.repetition_penalty}", "repetition_penalty")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-              f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
+        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
+              f"max_tokens must be non-negative, got {self.max_tokens}", "max_tokens")
         check(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
               f"min_tokens must be non-negative, got {self.min_tokens}", "min_tokens")
         check(self.max_tokens is None or self.min_tokens <= self.max_tokens,

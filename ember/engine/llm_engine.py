@@ -398,7 +398,8 @@ class LLMEngine:
             raise RequestValidationError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
-                "Please reduce the prompt or max_tokens.", "max_tokens", "context_length_exceeded")
+                "Please reduce the prompt or max_tokens.", "max_tokens" if params.max_tokens else "prompt",
+                "context_length_exceeded")
         need = self.block_manager.blocks_needed(n + 1)
         if need > self.block_manager.num_blocks:
             raise RequestValidationError(
@@ -536,13 +537,16 @@ class LLMEngine:
         if seq.is_finished:  # aborted while the step ran
             return
         req = seq.request
+        p = seq.params
+        if p.max_tokens == 0:  # a prompt only scored: the token sampled after its prefill is not kept
+            self.scheduler.finish(seq, "length")
+            return
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         seq.token_ids.append(token)
         self.num_generation_tokens_total += 1
         if lp is not None and seq.logprobs is not None:
             seq.logprobs.append(self._position_logprobs(token, lp))
-        p = seq.params
         if seq.grammar is not None and not seq.grammar.accept_token(token):
             # The mask should have made this impossible; llguidance's matcher now reports itself stopped, so the
             # sequence ends with "stop" and text the grammar does not accept: say so where it can be seen.

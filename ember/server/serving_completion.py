@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ember.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from ember.outputs import PositionLogprobs, RequestOutput
 from ember.server.errors import bad_request, to_api_error
 from ember.server.protocol import (
     CompletionChoice,
@@ -39,13 +38,6 @@ def _extend(into: CompletionLogprobs, part: CompletionLogprobs) -> None:
     into.text_offset += part.text_offset
 
 
-def _scored_only(o: CompletionOutput) -> CompletionOutput:
-    """An engine output of a max_tokens 0 request as the client sees it: no tokens, cut off by the length."""
-    finish = "length" if o.finish_reason in ("stop", "length") else o.finish_reason  # an abort stays one
-    return dataclasses.replace(o, text="", token_ids=[], logprobs=None, delta_text="", delta_token_ids=[],
-                               delta_logprobs=None, finish_reason=finish, stop_reason=None)
-
-
 def _usage(gens: list[Generation], completion_tokens: int) -> UsageInfo:
     # Each prompt counts once however many choices it has (n), as in OpenAI's and vLLM's usage.
     prompt_tokens = sum(len(g.prompt_token_ids) for g in gens)
@@ -57,21 +49,13 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, req: CompletionRequest, raw: Request) -> CompletionResponse | Response:
         model = self.resolve_model(req.model)
         prompts = self._prompts(req)
-        if req.max_tokens == 0:
-            limit = self.engine.max_model_len
-            longest = max(len(ids) for _, ids in prompts)
-            if longest >= limit:  # the one position the engine runs after the prompt must fit too
-                raise bad_request(
-                    f"This model's maximum context length is {limit} tokens. Scoring a prompt (max_tokens 0) "
-                    f"takes one position after it, so prompts of at most {limit - 1} tokens; got {longest}.",
-                    "prompt", "context_length_exceeded")
         # echo + logprobs reports the prompt's own logprobs too, which the engine computes only when asked.
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         if req.prompt_logprobs is not None:  # vLLM's: the same scores, reported on their own
             prompt_logprobs = max(prompt_logprobs or 0, req.prompt_logprobs)
-        # max_tokens 0 (prompt scoring, e.g. lm-evaluation-harness's loglikelihood requests: echo, logprobs): the
-        # engine always samples after a prefill, so it runs one token and the responses leave it out.
-        params = self.sampling_params(req, max_tokens=1 if req.max_tokens == 0 else req.max_tokens,
+        # max_tokens 0 is prompt scoring (lm-evaluation-harness's loglikelihood requests: echo, logprobs): the
+        # engine ends such a request after its prefill, with no token.
+        params = self.sampling_params(req, max_tokens=req.max_tokens,
                                       logprobs=req.logprobs,
                                       prompt_logprobs=prompt_logprobs,
                                       structured_output=await self.structured.constraint(req))
@@ -142,8 +126,6 @@ class OpenAIServingCompletion(OpenAIServing):
         for i, (gen, final) in enumerate(zip(gens, finals, strict=True)):
             assert final is not None
             for o in sorted(final.outputs, key=lambda o: o.index):
-                if req.max_tokens == 0:
-                    o = _scored_only(o)
                 completion_tokens += len(o.token_ids)
                 prefix = self._echo_text(gen) if req.echo else ""
                 logprobs = None
@@ -176,8 +158,6 @@ class OpenAIServingCompletion(OpenAIServing):
                     index = i * n + o.index
                     if index in finished:
                         continue
-                    if req.max_tokens == 0:  # the one token the engine ran is not part of the answer
-                        o = _scored_only(o)
                     completion_tokens[index] = len(o.token_ids)
                     text, logprobs = o.delta_text, None
                     offset = offsets.get(index)

@@ -404,3 +404,26 @@ def test_a_one_token_prompt_with_prompt_logprobs_does_not_keep_steps_synchronous
                                                                               prompt_logprobs=1, ignore_eos=True))
     assert out[0].prompt_logprobs in (None, [None]) and len(out[0].outputs[0].token_ids) == 4
     eng.abort_request("one")
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_max_tokens_0_scores_the_prompt_without_a_token(make_llm, prompts, async_scheduling):
+    """max_tokens 0 ends a request after its prefill with no token ("length"), its prompt scored when asked,
+    beside requests that generate; nothing leaks, and a prompt may fill the whole context."""
+    kw = {"block_size": 4, "max_num_batched_tokens": 24, "max_num_seqs": 4, "max_model_len": 256}
+    params = _mixed_params()
+    params[2] = SamplingParams(max_tokens=0, prompt_logprobs=1)
+    params[5] = SamplingParams(max_tokens=0, n=2)
+    llm = make_llm(async_scheduling=async_scheduling, **kw)
+    out = llm.generate(prompts, params)
+    ref = make_llm(async_scheduling=async_scheduling, **kw).generate(
+        [p for i, p in enumerate(prompts) if i not in (2, 5)], [p for i, p in enumerate(params) if i not in (2, 5)])
+    assert _summary([o for i, o in enumerate(out) if i not in (2, 5)]) == _summary(ref)
+    for i in (2, 5):
+        assert out[i].finished and [(c.token_ids, c.text, c.finish_reason) for c in out[i].outputs] == \
+            [([], "", "length")] * params[i].n
+    scored = out[2].prompt_logprobs
+    assert scored is not None and len(scored) == len(out[2].prompt_token_ids) and scored[0] is None and all(scored[1:])
+    full = llm.generate(prompt_token_ids=[[7] * 256], sampling_params=SamplingParams(max_tokens=0, prompt_logprobs=0))
+    assert full[0].outputs[0].token_ids == [] and len(full[0].prompt_logprobs or []) == 256
+    _assert_no_leak(llm)

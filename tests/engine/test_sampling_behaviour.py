@@ -120,7 +120,7 @@ def test_abort_frees_blocks(smol_llm):
 
 @pytest.mark.parametrize("kwargs,param", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
-    ({"n": 0}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"min_p": 1.5}, "min_p"),
+    ({"n": 0}, "n"), ({"max_tokens": -1}, "max_tokens"), ({"min_p": 1.5}, "min_p"),
     ({"presence_penalty": 3}, "presence_penalty"), ({"logprobs": 50}, "logprobs"),
     ({"temperature": float("nan")}, "temperature"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 200}}, "logit_bias"),

@@ -159,14 +159,14 @@ def test_completion_max_tokens_0_scores_the_prompt(client: openai.OpenAI, http: 
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 0
     plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
     assert plain.choices[0].text == "" and plain.choices[0].finish_reason == "length"
-    # The position after the prompt is computed too: a prompt may take all but one of the context.
+    # Nothing is generated, so a prompt may take the whole context.
     limit = http.get("/v1/models").json()["data"][0]["max_model_len"]
-    fits = client.completions.create(model=MODEL, prompt=[ids[0]] * (limit - 1), echo=True, logprobs=0,
-                                     max_tokens=0)
-    assert fits.usage is not None and fits.usage.prompt_tokens == limit - 1
-    full = http.post("/v1/completions", json={"prompt": [ids[0]] * limit, "max_tokens": 0})
-    assert full.status_code == 400 and full.json()["error"]["code"] == "context_length_exceeded"
-    assert f"at most {limit - 1} tokens" in full.json()["error"]["message"]
+    fits = client.completions.create(model=MODEL, prompt=[ids[0]] * limit, echo=True, logprobs=0, max_tokens=0)
+    assert fits.usage is not None and fits.usage.prompt_tokens == limit and fits.usage.completion_tokens == 0
+    assert len(fits.choices[0].logprobs.token_logprobs or []) == limit  # type: ignore[union-attr]
+    over = http.post("/v1/completions", json={"prompt": [ids[0]] * (limit + 1), "max_tokens": 0})
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+    assert over.json()["error"]["param"] == "prompt"
     assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "min_tokens": 1}).status_code == 400
 
 
