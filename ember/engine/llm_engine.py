@@ -400,7 +400,7 @@ class LLMEngine:
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
                 "Please reduce the prompt or max_tokens.", "max_tokens" if params.max_tokens else "prompt",
                 "context_length_exceeded")
-        need = self.block_manager.blocks_needed(n + 1)
+        need = self.block_manager.blocks_needed(n + (params.max_tokens != 0))  # a slot for the first token
         if need > self.block_manager.num_blocks:
             raise RequestValidationError(
                 f"the prompt needs {need} KV blocks but the cache has only {self.block_manager.num_blocks}",

@@ -158,6 +158,9 @@ class OpenAIServingCompletion(OpenAIServing):
                     index = i * n + o.index
                     if index in finished:
                         continue
+                    if (req.echo and req.logprobs is not None and index not in offsets and not o.finished
+                            and len(out.prompt_logprobs or ()) < len(gens[i].prompt_token_ids)):
+                        continue  # a prompt prefilled in chunks: its echo waits for the scores of every chunk
                     completion_tokens[index] = len(o.token_ids)
                     text, logprobs = o.delta_text, None
                     offset = offsets.get(index)

@@ -427,3 +427,6 @@ def test_max_tokens_0_scores_the_prompt_without_a_token(make_llm, prompts, async
     full = llm.generate(prompt_token_ids=[[7] * 256], sampling_params=SamplingParams(max_tokens=0, prompt_logprobs=0))
     assert full[0].outputs[0].token_ids == [] and len(full[0].prompt_logprobs or []) == 256
     _assert_no_leak(llm)
+    # No slot is kept for a token: a cache of exactly one context holds such a prompt.
+    tight = make_llm(async_scheduling=async_scheduling, **kw | {"num_gpu_blocks_override": 64})
+    assert tight.generate(prompt_token_ids=[[7] * 256], sampling_params=SamplingParams(max_tokens=0))[0].finished

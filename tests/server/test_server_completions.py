@@ -170,6 +170,23 @@ def test_completion_max_tokens_0_scores_the_prompt(client: openai.OpenAI, http: 
     assert http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "min_tokens": 1}).status_code == 400
 
 
+def test_streamed_echo_logprobs_of_a_prompt_prefilled_in_chunks(client: openai.OpenAI) -> None:
+    """Three prompts of 900 tokens share a step budget of 2048 tokens, so the third is prefilled in chunks: its
+    streamed echo still carries every prompt position's logprob, the same as without streaming."""
+    prompts = [[100 + (j * 7 + k * 13) % 5000 for j in range(900)] for k in range(3)]
+    kw = dict(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=0)
+    whole = client.completions.create(**kw)
+    streamed: dict[int, list[float | None]] = {}
+    for chunk in client.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            streamed.setdefault(ch.index, []).extend((ch.logprobs.token_logprobs or []) if ch.logprobs else [])
+    for choice in whole.choices:
+        want = (choice.logprobs.token_logprobs or []) if choice.logprobs else []
+        got = streamed[choice.index]
+        assert len(got) == len(want) == 900 and got[0] is None and want[0] is None
+        assert all(abs(a - b) < 1e-4 for a, b in zip(got[1:], want[1:], strict=True))  # type: ignore[operator]
+
+
 def test_truncate_prompt_tokens_keeps_the_last_tokens(client: openai.OpenAI, http: httpx.Client) -> None:
     ids = _ids(http, PROMPT)
     last3 = http.post("/detokenize", json={"tokens": ids[-3:]}).json()["prompt"]
