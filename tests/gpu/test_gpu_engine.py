@@ -38,6 +38,17 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _compare_runs(first: list, second: list) -> tuple[int, float]:
+    """(continuations identical in both runs, largest logprob difference over their common prefixes)."""
+    same, worst = 0, 0.0
+    for a, b in zip(first, second, strict=True):
+        same += a.token_ids == b.token_ids
+        n = _common_prefix(a.token_ids, b.token_ids)
+        for tok, la, lb in zip(a.token_ids[:n], a.logprobs[:n], b.logprobs[:n], strict=True):
+            worst = max(worst, abs(la[tok].logprob - lb[tok].logprob))
+    return same, worst
+
+
 def _agreement_with(llm: LLM, prompts: list[list[int]], ref: list[list[int]]) -> tuple[int, int, int]:
     """(positions before the first free-running divergence, top-1 agreements teacher-forced on `ref`, positions)."""
     outs = llm.generate(prompt_token_ids=prompts,
@@ -118,12 +129,7 @@ def test_batch1_fused_paths_match_the_unfused_gpu_path(monkeypatch: pytest.Monke
             prompts = _prompts(llm.tokenizer)[:8]
             runs.append([llm.generate(prompt_token_ids=[p], sampling_params=sp)[0].outputs[0] for p in prompts])
     assert fused_calls
-    same = worst = 0
-    for a, b in zip(*runs, strict=True):
-        same += a.token_ids == b.token_ids
-        n = _common_prefix(a.token_ids, b.token_ids)
-        for tok, la, lb in zip(a.token_ids[:n], a.logprobs[:n], b.logprobs[:n], strict=True):
-            worst = max(worst, abs(la[tok].logprob - lb[tok].logprob))
+    same, worst = _compare_runs(*runs)
     print(f"fused vs unfused batch-1 GPU paths: {same}/8 identical continuations; logprob diff at most {worst:.4f}")
     assert same >= 7 and worst < 0.1
 
@@ -142,12 +148,7 @@ def test_residual_in_products_matches_the_fused_norm_path(monkeypatch: pytest.Mo
             assert llm.engine.model.model.residual_in_products == in_products
             prompts = _prompts(llm.tokenizer)[:16]
             runs.append([o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)])
-    same = worst = 0
-    for a, b in zip(*runs, strict=True):
-        same += a.token_ids == b.token_ids
-        n = _common_prefix(a.token_ids, b.token_ids)
-        for tok, la, lb in zip(a.token_ids[:n], a.logprobs[:n], b.logprobs[:n], strict=True):
-            worst = max(worst, abs(la[tok].logprob - lb[tok].logprob))
+    same, worst = _compare_runs(*runs)
     print(f"residual in products vs in the norm kernel: {same}/16 identical continuations; logprob diff at most "
           f"{worst:.4f}")
     assert same >= 14 and worst < 0.1
