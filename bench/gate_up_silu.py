@@ -6,7 +6,8 @@ The MLP of a Llama layer writes gate_up = x @ W.T ([rows, 2 * inter]), then SiLU
 [rows, inter]. At ~5,000 tokens a step (offline) that second kernel is ~3.5 % of the step, at the copy rate already
 (`bench/elementwise.py`): only fusion removes it. Here one program computes a [BLOCK_M, BLOCK_N] tile of both
 halves (the gate rows j.. and the up rows inter + j.. of W share the x tile) and writes SiLU(gate) * up, rounded
-as the unfused path rounds (each half to the activation dtype first). It pays only if this GEMM keeps up with
+as the unfused path rounds (each half to the activation dtype first); two kernels, loading by pointers and by
+tensor descriptors (TMA on Hopper). It pays only if this GEMM keeps up with
 cuBLAS: printed beside the fused time are cuBLAS's product alone and cuBLAS + `silu_mul`, for launch shapes swept.
 
 On a CPU (`--device cpu`, run under `TRITON_INTERPRET=1`, small shapes: `--hidden 64 --intermediate 96 --rows 5
@@ -83,13 +84,51 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stri
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h, mask=row_ok & col_ok)
 
 
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int, int]) -> torch.Tensor:
-    """SiLU(x @ gate.T) * (x @ up.T) for weight = [gate; up] ([2 * inter, hidden]), in one kernel."""
+@triton.jit
+def _gate_up_silu_tma_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The same tile through tensor descriptors (Hopper's TMA loads; out-of-bounds rows read as zeros). A gate
+    tile that runs past row N reads up rows: only into output columns >= N, which are not stored."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = x_desc.load([pid_m * BLOCK_M, k])
+        acc_g = tl.dot(a, w_desc.load([pid_n * BLOCK_N, k]).T, acc_g)
+        acc_u = tl.dot(a, w_desc.load([N + pid_n * BLOCK_N, k]).T, acc_u)
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)
+    h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int, int],
+                 tma: bool = False) -> torch.Tensor:
+    """SiLU(x @ gate.T) * (x @ up.T) for weight = [gate; up] ([2 * inter, hidden]), in one kernel (`tma`: its
+    loads through tensor descriptors)."""
     m, k = x.shape
     n = weight.shape[0] // 2
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn, bk, stages, warps = config
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        _gate_up_silu_tma_kernel[grid](TensorDescriptor.from_tensor(x, [bm, bk]),
+                                       TensorDescriptor.from_tensor(weight, [bn, bk]), out, m, n, out.stride(0),
+                                       K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_stages=stages,
+                                       num_warps=warps)
+        return out
     _gate_up_silu_kernel[grid](x, weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0), K=k,
                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=k % bk == 0,
                                num_stages=stages, num_warps=warps)
@@ -125,10 +164,11 @@ def main() -> None:
     for rows in args.rows:
         x = torch.randn(rows, args.hidden, device=device, dtype=dtype)
         ref = silu_mul_ref(F.linear(x, weight))
+        variants = [(cfg, tma) for tma in (False, True) for cfg in configs]
         errs = {}
-        for cfg in configs:
-            got = gate_up_silu(x, weight, cfg)
-            errs[cfg] = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        for cfg, tma in variants:
+            got = gate_up_silu(x, weight, cfg, tma)
+            errs[(cfg, tma)] = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         worst = max(errs.values())
         if device.type != "cuda":
             print(f"rows {rows}: largest relative error over the launch shapes {worst:.2e}", flush=True)
@@ -138,7 +178,8 @@ def main() -> None:
         row = {"rows": rows, "max_rel_err": worst,
                "cublas_us": replay_us(functools.partial(F.linear, x, weight)),
                "cublas_silu_us": replay_us(lambda x=x: silu_mul(F.linear(x, weight)))}
-        row["fused_us"] = {str(cfg): replay_us(functools.partial(gate_up_silu, x, weight, cfg)) for cfg in configs}
+        row["fused_us"] = {f"{'tma' if tma else 'ptr'} {cfg}":
+                           replay_us(functools.partial(gate_up_silu, x, weight, cfg, tma)) for cfg, tma in variants}
         best_cfg, best = min(row["fused_us"].items(), key=lambda kv: kv[1])
         row["best_config"], row["best_fused_us"] = best_cfg, best
         results.append(row)
