@@ -33,8 +33,9 @@ import triton.language as tl  # noqa: E402
 from ember.model.layers import silu_mul, silu_mul_ref  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); each program holds two [BLOCK_M, BLOCK_N] fp32 accumulators.
-CONFIGS = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 3, 8),
-           (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 256, 64, 3, 8)]
+CONFIGS = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+           (128, 64, 64, 4, 4), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8),
+           (64, 256, 64, 3, 8)]
 
 
 @triton.jit
