@@ -23,19 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
+from ember.bench.profiling import replay_us  # noqa: E402
 from ember.bench.roofline import measure_bandwidth  # noqa: E402
 from ember.model.layers import rms_norm_ref, silu_mul_ref  # noqa: E402
 
 EPS = 1e-5
-
-
-def replay_us(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
-
-    from ember.bench.profiling import capture_graph
-
-    graph = capture_graph(fn)
-    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) * 1e3
 
 
 def variants(op: str) -> dict[str, Callable[..., object]]:

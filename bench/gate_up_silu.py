@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -30,6 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from ember.bench.profiling import replay_us  # noqa: E402
 from ember.model.layers import silu_mul, silu_mul_ref  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); each program holds two [BLOCK_M, BLOCK_N] fp32 accumulators.
@@ -134,15 +134,6 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, 
                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=k % bk == 0,
                                num_stages=stages, num_warps=warps)
     return out
-
-
-def replay_us(fn: Callable[[], object]) -> float:
-    from triton.testing import do_bench
-
-    from ember.bench.profiling import capture_graph
-
-    graph = capture_graph(fn)
-    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) * 1e3
 
 
 def main() -> None:

@@ -41,15 +41,9 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """Microseconds per call: CUDA-graph replays timed with triton's do_bench (L2 flushed) on a GPU, a plain
     loop on the CPU."""
     if device.type == "cuda":
-        from triton.testing import do_bench
+        from ember.bench.profiling import replay_us
 
-        from ember.bench.profiling import capture_graph
-
-        def cuda_us(fn: Callable[[], object]) -> float:
-            graph = capture_graph(fn)
-            return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) * 1e3
-
-        return cuda_us
+        return replay_us
 
     def cpu_us(fn: Callable[[], object]) -> float:
         fn()

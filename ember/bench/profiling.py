@@ -50,6 +50,15 @@ def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def replay_us(fn: Callable[[], object]) -> float:
+    """Microseconds per replay of a CUDA graph of one call of `fn`: the median of triton's `do_bench`, which
+    flushes the L2 before each replay (so small inputs are read from HBM, as in a real step)."""
+    from triton.testing import do_bench
+
+    graph = capture_graph(fn)
+    return float(do_bench(graph.replay, warmup=25, rep=100, return_mode="median")) * 1e3
+
+
 def graph_time(fn: Callable[[], object], reps: int = 10) -> float:
     """Seconds per replay of a CUDA graph of one call of `fn` (median of `reps`, device events)."""
     g = capture_graph(fn)
