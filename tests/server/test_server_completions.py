@@ -174,17 +174,17 @@ def test_streamed_echo_logprobs_of_a_prompt_prefilled_in_chunks(client: openai.O
     """Three prompts of 900 tokens share a step budget of 2048 tokens, so the third is prefilled in chunks: its
     streamed echo still carries every prompt position's logprob, the same as without streaming."""
     prompts = [[100 + (j * 7 + k * 13) % 5000 for j in range(900)] for k in range(3)]
-    kw = dict(model=MODEL, prompt=prompts, echo=True, logprobs=1, max_tokens=0)
-    whole = client.completions.create(**kw)
+    kw = dict(model=MODEL, echo=True, logprobs=1, max_tokens=0)
+    alone = client.completions.create(prompt=prompts[2], **kw).choices[0].logprobs  # in one chunk
+    want = (alone.token_logprobs or []) if alone else []
     streamed: dict[int, list[float | None]] = {}
-    for chunk in client.completions.create(**kw, stream=True):
+    for chunk in client.completions.create(prompt=prompts, **kw, stream=True):
         for ch in chunk.choices:
             streamed.setdefault(ch.index, []).extend((ch.logprobs.token_logprobs or []) if ch.logprobs else [])
-    for choice in whole.choices:
-        want = (choice.logprobs.token_logprobs or []) if choice.logprobs else []
-        got = streamed[choice.index]
-        assert len(got) == len(want) == 900 and got[0] is None and want[0] is None
-        assert all(abs(a - b) < 1e-4 for a, b in zip(got[1:], want[1:], strict=True))  # type: ignore[operator]
+    assert sorted(streamed) == [0, 1, 2] and all(len(v) == 900 and v[0] is None for v in streamed.values())
+    got = streamed[2]
+    assert len(want) == 900 and want[0] is None
+    assert all(abs(a - b) < 1e-4 for a, b in zip(got[1:], want[1:], strict=True))  # type: ignore[operator]
 
 
 def test_truncate_prompt_tokens_keeps_the_last_tokens(client: openai.OpenAI, http: httpx.Client) -> None:
