@@ -356,8 +356,6 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of other than n is not supported")
         if self.suffix is not None:
             raise ValueError("suffix is not supported")
-        if self.max_tokens == 0 and self.min_tokens > 0:
-            raise ValueError("min_tokens must be 0 when max_tokens is 0")
         return self
 
 

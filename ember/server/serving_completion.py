@@ -53,10 +53,7 @@ class OpenAIServingCompletion(OpenAIServing):
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         if req.prompt_logprobs is not None:  # vLLM's: the same scores, reported on their own
             prompt_logprobs = max(prompt_logprobs or 0, req.prompt_logprobs)
-        # max_tokens 0 is prompt scoring (lm-evaluation-harness's loglikelihood requests: echo, logprobs): the
-        # engine ends such a request after its prefill, with no token.
-        params = self.sampling_params(req, max_tokens=req.max_tokens,
-                                      logprobs=req.logprobs,
+        params = self.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                       prompt_logprobs=prompt_logprobs,
                                       structured_output=await self.structured.constraint(req))
         base_id = random_id("cmpl")
