@@ -28,14 +28,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from ember.bench.profiling import replay_us  # noqa: E402
 from ember.model.layers import silu_mul, silu_mul_ref  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); each program holds two [BLOCK_M, BLOCK_N] fp32 accumulators.
 CONFIGS = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-           (128, 64, 64, 4, 4), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8),
-           (64, 256, 64, 3, 8)]
+           (128, 64, 64, 4, 4), (128, 64, 64, 4, 8), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8),
+           (128, 128, 64, 5, 8), (128, 256, 64, 3, 8), (64, 256, 64, 3, 8), (256, 64, 64, 3, 8)]
 
 
 @triton.jit
@@ -109,6 +110,50 @@ def _gate_up_silu_tma_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.con
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+@triton.jit
+def _gate_up_silu_interleaved_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                     GROUP_M: tl.constexpr):
+    """W's rows interleaved in blocks of BLOCK_N (gate block j, then up block j: `interleave`), so one
+    [BLOCK_M, 2 * BLOCK_N] product (Hopper's widest wgmma at BLOCK_N 128) gives both halves of a tile."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w_desc.load([pid_n * 2 * BLOCK_N, k]).T, acc)
+    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)
+    h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def interleave(weight: torch.Tensor, block_n: int) -> torch.Tensor:
+    """[gate; up] ([2 * inter, hidden]) reordered as gate block 0, up block 0, gate block 1, ... of block_n rows
+    (inter a multiple of block_n)."""
+    n, k = weight.shape[0] // 2, weight.shape[1]
+    return torch.stack([weight[:n].view(n // block_n, block_n, k), weight[n:].view(n // block_n, block_n, k)],
+                       dim=1).reshape(2 * n, k)
+
+
+def gate_up_silu_interleaved(x: torch.Tensor, w_il: torch.Tensor, config: tuple[int, int, int, int, int]
+                             ) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = x.shape
+    n = w_il.shape[0] // 2
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk, stages, warps = config
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gate_up_silu_interleaved_kernel[grid](TensorDescriptor.from_tensor(x, [bm, bk]),
+                                           TensorDescriptor.from_tensor(w_il, [2 * bn, bk]), out, m, n,
+                                           out.stride(0), K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                           num_stages=stages, num_warps=warps)
+    return out
+
+
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int, int],
                  tma: bool = False) -> torch.Tensor:
     """SiLU(x @ gate.T) * (x @ up.T) for weight = [gate; up] ([2 * inter, hidden]), in one kernel (`tma`: its
@@ -145,6 +190,7 @@ def main() -> None:
     torch.manual_seed(0)
     weight = torch.randn(2 * args.intermediate, args.hidden, device=device, dtype=dtype) * args.hidden ** -0.5
     configs = CONFIGS if device.type == "cuda" else [(16, 16, 16, 1, 1), (16, 32, 32, 1, 1)]
+    interleaved = functools.cache(functools.partial(interleave, weight))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"{name}, torch {torch.__version__}, triton {triton.__version__}; hidden {args.hidden}, "
           f"intermediate {args.intermediate}, {dtype}", flush=True)
@@ -152,11 +198,23 @@ def main() -> None:
     for rows in args.rows:
         x = torch.randn(rows, args.hidden, device=device, dtype=dtype)
         ref = silu_mul_ref(F.linear(x, weight))
-        variants = [(cfg, tma) for tma in (False, True) for cfg in configs]
+        # (label, function) of each kernel and launch shape; shapes that do not fit the card are left out.
+        variants = {}
+        for cfg in configs:
+            variants[f"ptr {cfg}"] = functools.partial(gate_up_silu, x, weight, cfg, False)
+            variants[f"tma {cfg}"] = functools.partial(gate_up_silu, x, weight, cfg, True)
+            if args.intermediate % cfg[1] == 0:
+                variants[f"interleaved {cfg}"] = functools.partial(gate_up_silu_interleaved, x,
+                                                                   interleaved(cfg[1]), cfg)
         errs = {}
-        for cfg, tma in variants:
-            got = gate_up_silu(x, weight, cfg, tma)
-            errs[(cfg, tma)] = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        for label, fn in list(variants.items()):
+            try:
+                got = fn()
+            except OutOfResources as e:
+                print(f"  {label}: {e}", flush=True)
+                del variants[label]
+                continue
+            errs[label] = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         worst = max(errs.values())
         if device.type != "cuda":
             print(f"rows {rows}: largest relative error over the launch shapes {worst:.2e}", flush=True)
@@ -166,8 +224,7 @@ def main() -> None:
         row = {"rows": rows, "max_rel_err": worst,
                "cublas_us": replay_us(functools.partial(F.linear, x, weight)),
                "cublas_silu_us": replay_us(lambda x=x: silu_mul(F.linear(x, weight)))}
-        row["fused_us"] = {f"{'tma' if tma else 'ptr'} {cfg}":
-                           replay_us(functools.partial(gate_up_silu, x, weight, cfg, tma)) for cfg, tma in variants}
+        row["fused_us"] = {label: replay_us(fn) for label, fn in variants.items()}
         best_cfg, best = min(row["fused_us"].items(), key=lambda kv: kv[1])
         row["best_config"], row["best_fused_us"] = best_cfg, best
         results.append(row)
