@@ -130,6 +130,41 @@ def _gate_up_silu_interleaved_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+@triton.jit
+def _gate_up_silu_3d_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The interleaved kernel's one wide product on W as stored: W seen as [2, N, K], one tensor-descriptor load
+    takes gate block j and up block j together ([2, BLOCK_N, BLOCK_K], flattened for the product)."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        w = tl.reshape(w_desc.load([0, pid_n * BLOCK_N, k]), (2 * BLOCK_N, BLOCK_K))
+        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w.T, acc)
+    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)
+    h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def gate_up_silu_3d(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int, int]) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = x.shape
+    n = weight.shape[0] // 2
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, bk, stages, warps = config
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gate_up_silu_3d_kernel[grid](TensorDescriptor.from_tensor(x, [bm, bk]),
+                                  TensorDescriptor.from_tensor(weight.view(2, n, k), [2, bn, bk]), out, m, n,
+                                  out.stride(0), K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                  num_stages=stages, num_warps=warps)
+    return out
+
+
 def interleave(weight: torch.Tensor, block_n: int) -> torch.Tensor:
     """[gate; up] ([2 * inter, hidden]) reordered as gate block 0, up block 0, gate block 1, ... of block_n rows
     (inter a multiple of block_n)."""
@@ -203,6 +238,7 @@ def main() -> None:
         for cfg in configs:
             variants[f"ptr {cfg}"] = functools.partial(gate_up_silu, x, weight, cfg, False)
             variants[f"tma {cfg}"] = functools.partial(gate_up_silu, x, weight, cfg, True)
+            variants[f"3d {cfg}"] = functools.partial(gate_up_silu_3d, x, weight, cfg)
             if args.intermediate % cfg[1] == 0:
                 variants[f"interleaved {cfg}"] = functools.partial(gate_up_silu_interleaved, x,
                                                                    interleaved(cfg[1]), cfg)

@@ -48,7 +48,7 @@ MB = 1 << 20
 
 def _sweep_configs(k: int) -> list[GemvConfig]:
     return [GemvConfig(bn, bk, warps, stages)
-            for bn, bk, warps, stages in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8), (4,))
+            for bn, bk, warps, stages in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (4, 8), (3, 4, 6))
             if bn * bk <= 8192 and bk <= k]
 
 
@@ -91,7 +91,7 @@ def products(args: argparse.Namespace, results: dict) -> None:
             best[name] = top if sweep[top] < t_gemv else cfg0
             row["best"], row["best_us"] = top.__dict__, sweep[top] * 1e6
             row["sweep"] = sorted(([c.block_n, c.block_k, c.num_warps, c.num_stages, round(t * 1e6, 1)]
-                                   for c, t in sweep.items()), key=lambda r: r[-1])[:8]
+                                   for c, t in sweep.items()), key=lambda r: r[-1])
         print(f"{name:13s} x{len(ws[name])}: cuBLAS {t_cublas * 1e6:8.1f} us ({row['cublas_gb_s']:,.0f} GB/s)  "
               f"GEMV {t_gemv * 1e6:8.1f} us ({row['gemv_gb_s']:,.0f} GB/s)"
               + (f"  best {best[name]} {row['best_us']:.1f} us" if args.sweep else ""))

@@ -36,6 +36,9 @@ PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_MB", "0")) * (1 <
 # A product after attention (o_proj) follows the longest gap of a layer (rotary + KV store + attention).
 AFTER_ATTENTION_PREFETCH_BYTES = int(float(os.environ.get("EMBER_GEMV_PREFETCH_O_MB", "0")) * (1 << 20))
 FUSE_SILU_MUL = os.environ.get("EMBER_GEMV_SILU", "0") == "1"
+# `EMBER_GEMV_CONFIG=BLOCK_N,BLOCK_K,WARPS,STAGES`: one launch shape for every product instead of the default
+# (to measure a card's own; `bench/gemv_decode.py --sweep` times them one product at a time).
+CONFIG_OVERRIDE = os.environ.get("EMBER_GEMV_CONFIG", "")
 # Rotary and the KV-cache store in the qkv product's epilogue (`ember.kernels.gemv_qkv`): 0.03 ms a step faster
 # on an H100 (docs/PERFORMANCE.md, ninth session); `EMBER_GEMV_ROTARY_KV=0` runs them as their own kernel.
 FUSE_ROTARY_KV = os.environ.get("EMBER_GEMV_ROTARY_KV", "1") != "0"
@@ -186,6 +189,9 @@ def _gemv_silu_mul_kernel(x_ptr, w_ptr, out_ptr, INTER, K, stride_wn, row_bytes,
 def default_config(n: int, k: int) -> GemvConfig:
     """The fastest launch shape for each of the 8B model's projections and its lm_head on an H100 (one CUDA graph
     of 32 products with distinct weights each; `bench/gemv_decode.py --sweep`)."""
+    if CONFIG_OVERRIDE:
+        block_n, block_k, warps, stages = (int(v) for v in CONFIG_OVERRIDE.split(","))
+        return GemvConfig(block_n, min(block_k, triton.next_power_of_2(k)), warps, stages)
     return GemvConfig(block_n=2, block_k=min(2048, triton.next_power_of_2(k)), num_warps=8, num_stages=4)
 
 
