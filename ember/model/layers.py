@@ -157,10 +157,16 @@ class GatedMLP(nn.Module):
         return self.tp.all_reduce(self.down_proj(h, residual=residual))
 
     def _fused_gate_up(self, x: torch.Tensor) -> torch.Tensor | None:
-        """SiLU·mul inside the batch-1 GEMV where `Linear` would take that kernel (`ember.kernels.gemv`)."""
+        """SiLU·mul inside the product: the batch-1 GEMV where `Linear` would take that kernel
+        (`ember.kernels.gemv`), the epilogue of a Triton GEMM for steps of many tokens
+        (`ember.kernels.gate_up_silu`); None where neither applies."""
         proj = self.gate_up_proj
         if not isinstance(proj, Linear) or proj.bias is not None:  # an Fp8Linear, or a biased projection
             return None
+        if x.is_cuda and x.shape[0] > 1:
+            from ember.kernels import gate_up_silu
+
+            return gate_up_silu.gate_up_silu(x, proj.weight) if gate_up_silu.applies(x, proj.weight) else None
         gemv = proj.gemv_kernels(x)
         return gemv.gemv_silu_mul(x, proj.weight) if gemv is not None and gemv.FUSE_SILU_MUL else None
 

@@ -24,7 +24,7 @@ ROTARY = [f"tests/gpu/test_fused_kernels.py::test_rotary_store_kv_matches_torch[
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/gpu runs these kernels compiled")
 @pytest.mark.parametrize("selection", [["tests/gpu/test_attention_kernels.py", "-k", ATTENTION], ROTARY,
-                                       ["tests/gpu/test_gemv.py"]],
+                                       ["tests/gpu/test_gemv.py", "tests/gpu/test_gate_up_silu.py"]],
                          ids=["attention", "rotary-kv-store", "gemv"])
 def test_triton_kernels_under_the_interpreter(selection: list[str]) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -152,3 +152,23 @@ def test_residual_in_products_matches_the_fused_norm_path(monkeypatch: pytest.Mo
     print(f"residual in products vs in the norm kernel: {same}/16 identical continuations; logprob diff at most "
           f"{worst:.4f}")
     assert same >= 14 and worst < 0.1
+
+
+def test_gate_up_silu_kernel_matches_the_unfused_mlp(monkeypatch: pytest.MonkeyPatch):
+    """Prefill steps through the gate/up product with SiLU·mul in its epilogue (`ember.kernels.gate_up_silu`,
+    its row threshold lowered so that SmolLM2's prompts take it) against cuBLAS + silu_mul: the same tokens and
+    logprobs (both sum in fp32 and round each half once; the order of the sums may differ)."""
+    from ember.kernels import gate_up_silu
+
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    runs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(gate_up_silu, "ENABLED", enabled)
+        monkeypatch.setattr(gate_up_silu, "MIN_ROWS", 64)
+        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=16) as llm:
+            prompts = _prompts(llm.tokenizer)[:16]
+            runs.append([o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)])
+    same, worst = _compare_runs(*runs)
+    print(f"gate/up + SiLU·mul kernel vs cuBLAS + silu_mul: {same}/16 identical continuations; logprob diff at "
+          f"most {worst:.4f}")
+    assert same >= 14 and worst < 0.1
