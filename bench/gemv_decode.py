@@ -48,7 +48,7 @@ MB = 1 << 20
 
 def _sweep_configs(k: int) -> list[GemvConfig]:
     return [GemvConfig(bn, bk, warps, stages)
-            for bn, bk, warps, stages in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8), (3, 4, 6))
+            for bn, bk, warps, stages in itertools.product((2, 4), (1024, 2048), (4, 8), (3, 4, 6))
             if bn * bk <= 8192 and bk <= k]
 
 
