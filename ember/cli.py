@@ -154,6 +154,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=_positive_int, default=d.max_num_batched_tokens,
                    help="token budget of one engine step (default: 8192 on GPU, 2048 on CPU)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--max-cudagraph-capture-size", type=_positive_int, default=d.cuda_graph_max_batch,
+                   help="largest decode batch captured as a CUDA graph (capped by --max-num-seqs); larger decode "
+                        "batches run eagerly")
     p.add_argument("--compile-cache-dir", default=d.compile_cache_dir, metavar="DIR",
                    help="keep Triton's compiled kernels here (TRITON_CACHE_DIR), e.g. on a volume, so later "
                         "launches skip the JIT compilation")
@@ -227,6 +230,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager,
+        cuda_graph_max_batch=args.max_cudagraph_capture_size,
         async_scheduling=args.async_scheduling,
         compile_cache_dir=args.compile_cache_dir,
         tensor_parallel_size=args.tensor_parallel_size,

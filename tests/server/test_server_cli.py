@@ -31,7 +31,8 @@ def test_serve_flags_map_to_engine_config() -> None:
         "--max-num-batched-tokens", "4096", "--api-key", "k1", "--api-key", "k2", "--dtype", "bfloat16",
         "--load-format", "safetensors", "--seed", "7", "--chat-template", "tmpl.jinja", "--block-size", "32",
         "--device", "cuda", "--kv-cache-memory-bytes", "4GiB", "--no-enable-prefix-caching",
-        "--no-async-scheduling", "--compile-cache-dir", "/vol/jit", "--kv-cache-dtype", "fp8"])
+        "--no-async-scheduling", "--compile-cache-dir", "/vol/jit", "--kv-cache-dtype", "fp8",
+        "--max-cudagraph-capture-size", "384"])
     cfg = engine_config_from_args(args)
     assert cfg == EngineConfig(
         model="some/model", revision="abc", tokenizer="tokdir", load_format="safetensors", dtype="bfloat16",
@@ -40,7 +41,7 @@ def test_serve_flags_map_to_engine_config() -> None:
         kv_cache_memory_bytes=4 * 2**30, enable_prefix_caching=False, max_num_seqs=32,
         max_num_batched_tokens=4096, enforce_eager=True, tensor_parallel_size=2,
         served_model_name=["some/model", "llm"], async_scheduling=False, compile_cache_dir="/vol/jit",
-        kv_cache_dtype="fp8")
+        kv_cache_dtype="fp8", cuda_graph_max_batch=384)
     srv = server_config_from_args(args)
     assert (srv.host, srv.port, srv.api_keys) == ("0.0.0.0", 9000, ["k1", "k2"])
     assert srv.served_model_names == ["some/model", "llm"]
