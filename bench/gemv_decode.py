@@ -11,7 +11,8 @@ projection and prints the fastest.
 `--engine`: whole decode steps of the engine at batch 1, the decode graphs re-captured for each variant (`VARIANTS`:
 cuBLAS; the GEMV as ember runs it; rotary + KV store as their own kernel; short kernels releasing early only
 within one wave, or late; 8 MB prefetched; RMSNorms inside the products, `LlamaForCausalLM.fold_norms`: the
-weights are folded for every variant, which computes the same function with weightless norms), two alternating
+weights are folded for every variant, which computes the same function with weightless norms; the qkv GEMV
+releasing attention at its wait, alone and with attention's L2 prefetch before its own, `EMBER_ATTN_PREFETCH`), two alternating
 rounds, beside the HBM roofline measured now. Each variant is timed on a fresh sequence, at contexts `--context`
 + 20 to + 20 + `--steps`. The logits of one replay of each variant are compared with cuBLAS's. `--skip` adds steps
 with the launches of one kind of short kernel left out (attention, rotary + KV store, RMSNorm, SiLU·mul, all of them;
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 import ember.attention.triton_backend as backend_mod
 import ember.kernels.fused as fused_mod
 import ember.kernels.gemv as gemv_mod
+import ember.kernels.gemv_qkv as gemv_qkv_mod
+import ember.kernels.paged_attention as attention_mod
 import ember.kernels.pdl as pdl_mod
 from ember.bench.offline import random_prompts
 from ember.bench.profiling import graph_time
@@ -130,6 +133,8 @@ class Variant:
     silu: bool = False  # SiLU·mul inside the gate/up GEMV
     fold: bool = False  # RMSNorms inside the products (`LlamaForCausalLM.fold_norms`)
     rotary_kv: bool = True  # rotary + KV store inside the qkv GEMV (`ember.kernels.gemv_qkv`)
+    qkv_release_at_wait: bool = False  # the qkv GEMV releases attention right after its wait
+    attn_prefetch: bool = False  # split-KV attention asks L2 for its K/V before its wait
 
 
 VARIANTS = {
@@ -140,6 +145,8 @@ VARIANTS = {
     "gemv_late": Variant(early="late"),
     "gemv_pf8": Variant(prefetch_mb=8),
     "gemv_fold": Variant(fold=True),
+    "gemv_qkv_release_at_wait": Variant(qkv_release_at_wait=True),
+    "gemv_attn_prefetch": Variant(qkv_release_at_wait=True, attn_prefetch=True),  # EMBER_ATTN_PREFETCH=1
 }
 # The base of the --skip variants: every short kernel its own launch.
 SKIP_BASE = "gemv_separate_rotary_kv"
@@ -152,6 +159,7 @@ def _set(variant: str, model: torch.nn.Module) -> None:
     gemv_mod.ENABLED, gemv_mod.FUSE_SILU_MUL, gemv_mod.FUSE_ROTARY_KV = v.gemv, v.silu, v.rotary_kv
     pdl_mod.EARLY_RELEASE, pdl_mod.EARLY_RELEASE_ANY_SIZE = v.early != "late", v.early == "all"
     gemv_mod.PREFETCH_BYTES = gemv_mod.AFTER_ATTENTION_PREFETCH_BYTES = v.prefetch_mb * MB
+    gemv_qkv_mod.RELEASE_AT_WAIT, attention_mod.PREFETCH_BEFORE_WAIT = v.qkv_release_at_wait, v.attn_prefetch
 
 
 def _rms_norm_skipped(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

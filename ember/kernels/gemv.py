@@ -100,18 +100,22 @@ def program_rows(w_ptr, N, row_bytes, prefetch_programs, BLOCK_N: tl.constexpr, 
 @triton.jit
 def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
                      EVICT_FIRST: tl.constexpr, SQUARES: tl.constexpr = False, bias_rows=None,
-                     residual_rows=None, HAS_BIAS: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False):
+                     residual_rows=None, HAS_BIAS: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
+                     RELEASE_AT_WAIT: tl.constexpr = False):
     """Rows of W (`w_rows`: a pointer per row, `[BLOCK_N, 1]`) times x, in fp32, with the PDL wait inside: the first
     tile of W is loaded before it. Returns (the products, the sum of x's squares where SQUARES, else 0, the rows'
     bias (`bias_rows`, a pointer per row) plus residual (`residual_rows`) where asked, else 0). The bias, never
     written while serving, is read before the wait, the residual right after it: neither read waits behind the
-    K loop."""
+    K loop. The next kernel is released after the K loop, or right after the wait where RELEASE_AT_WAIT (see
+    `gemv_qkv.RELEASE_AT_WAIT`)."""
     offs_k = tl.arange(0, BLOCK_K)
     w = _weight_tile(w_rows, offs_k, K, EVEN_K, EVICT_FIRST)  # independent of the kernel ahead: loads during the wait
     addend = 0.0
     if HAS_BIAS:
         addend = tl.load(bias_rows).to(tl.float32)
     pdl_wait(USE_PDL)
+    if RELEASE_AT_WAIT:
+        pdl_release(USE_PDL)
     if HAS_RESIDUAL:
         addend += tl.load(residual_rows).to(tl.float32)
     # Partial products stay [BLOCK_N, BLOCK_K] and are summed over K once, after the loop: no shuffles per tile.
@@ -124,7 +128,8 @@ def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constex
         acc += _weight_tile(w_rows, k, K, EVEN_K, EVICT_FIRST).to(tl.float32) * x[None, :]
         if SQUARES:
             squares += x * x
-    pdl_release(USE_PDL)
+    if not RELEASE_AT_WAIT:
+        pdl_release(USE_PDL)
     sum_squares = 0.0
     if SQUARES:
         sum_squares = tl.sum(squares, axis=0)
@@ -134,11 +139,11 @@ def row_dot_products(x_ptr, w_rows, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constex
 @triton.jit
 def product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, residual_ptr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, RMS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, RELEASE_AT_WAIT: tl.constexpr = False):
     """`rows` (int64) of W times x, RMS-normalised where RMS_NORM, plus their bias and residual where asked: fp32."""
     y, squares, addend = row_dot_products(x_ptr, w_ptr + rows[:, None] * stride_wn, K, BLOCK_K, EVEN_K, USE_PDL,
                                           True, RMS_NORM, bias_ptr + rows, residual_ptr + rows, HAS_BIAS,
-                                          HAS_RESIDUAL)
+                                          HAS_RESIDUAL, RELEASE_AT_WAIT)
     if RMS_NORM:
         # W·(x / rms(x)) = (W·x) / rms(x): the norm is a scalar per row of x, so every program applies it after
         # its own pass over x, with no extra read.

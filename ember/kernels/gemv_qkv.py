@@ -16,7 +16,13 @@ import triton
 import triton.language as tl
 
 from ember.kernels.gemv import default_config, product_rows
-from ember.kernels.pdl import pdl_launch_args
+from ember.kernels.pdl import ATTENTION_PREFETCH, pdl_launch_args
+
+# Release the attention after this kernel as soon as each program's wait is over rather than after its K loop:
+# attention's programs then launch while this kernel's last wave still streams W, and spend that time asking L2
+# for their K/V (`paged_attention.PREFETCH_BEFORE_WAIT`). Safe for any kernel after it: a dependent reads nothing
+# of this one's before its own wait.
+RELEASE_AT_WAIT = ATTENTION_PREFETCH
 
 
 @triton.jit
@@ -25,7 +31,7 @@ def _gemv_rotary_store_kv_kernel(
     K, stride_wn, rms_eps, num_heads, num_kv_heads,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_c,
     HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, RMS_NORM: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr, RELEASE_AT_WAIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head = pid // HALF  # of the q heads, then the k heads, then the v heads, as the rows of W are
@@ -33,7 +39,7 @@ def _gemv_rotary_store_kv_kernel(
     pair = tl.arange(0, 2)
     rows = (head * 2 * HALF + j + pair * HALF).to(tl.int64)
     y = product_rows(x_ptr, w_ptr, rows, stride_wn, K, rms_eps, bias_ptr, bias_ptr, BLOCK_K, EVEN_K, USE_PDL,
-                     RMS_NORM, HAS_BIAS, False)
+                     RMS_NORM, HAS_BIAS, False, RELEASE_AT_WAIT)
     dtype = q_ptr.dtype.element_ty
     y = y.to(dtype).to(tl.float32)
     if head < num_heads + num_kv_heads:  # q and k rotate; v does not
@@ -85,6 +91,6 @@ def gemv_rotary_store_kv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), cos_cache.stride(0),
         HALF=half, BLOCK_SIZE=k_cache.shape[1], HAS_BIAS=bias is not None, RMS_NORM=rms_eps is not None,
-        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0,
+        BLOCK_K=config.block_k, EVEN_K=k % config.block_k == 0, RELEASE_AT_WAIT=RELEASE_AT_WAIT,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl_launch_args(x.device))
     return q

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels.pdl import (
+    ATTENTION_PREFETCH,
     pdl_launch_args,
     pdl_release,
     pdl_release_early,
@@ -30,10 +31,14 @@ from ember.kernels.pdl import (
     pdl_small_kernel_args,
     pdl_wait,
     sm_count,
+    use_pdl,
 )
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 32
+# Split-KV programs launched with PDL ask L2 for the K/V rows of their segment's first two tiles before their wait
+# (`_prefetch_segment_l2`): at batch 1 the context's K/V was last read a whole step ago and is long out of L2.
+PREFETCH_BEFORE_WAIT = ATTENTION_PREFETCH
 
 
 @triton.jit
@@ -203,6 +208,39 @@ def _merge_splits(
         tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _prefetch_rows_l2(rows, row_bytes):
+    """One `cp.async.bulk.prefetch.L2` per element of `rows` (pointers, 16-byte aligned) of `row_bytes` each (a
+    multiple of 16; 0 asks nothing). Returns nothing to the program: no data of the kernel ahead is read."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [rows, row_bytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_segment_l2(
+    k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq, kv_head, split, num_splits,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ROW_BYTES: tl.constexpr, PREFETCH_KEYS: tl.constexpr,
+):
+    """Before the PDL wait: L2 prefetches of the K and V rows of this program's first PREFETCH_KEYS keys. It reads
+    only the lengths and the block table, which the host copied in before the step (`ember.kernels.pdl`); the
+    newest key's row, which the kernel ahead may still be writing, is among those asked for, harmlessly."""
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - tl.load(query_start_loc_ptr + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_start = split * _segment_len(seq_len, num_splits, TILE_N)
+    kv_end = tl.minimum(tl.minimum(kv_start + _segment_len(seq_len, num_splits, TILE_N), seq_len),
+                        kv_start + PREFETCH_KEYS)
+    kpos = kv_start + tl.arange(0, PREFETCH_KEYS)
+    kmask = (kpos < kv_end) & (q_len > 0)
+    block = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_bt + kpos // BLOCK_SIZE, mask=kmask,
+                    other=0).to(tl.int64)
+    in_block = kpos % BLOCK_SIZE
+    size = tl.where(kmask, ROW_BYTES, 0)
+    _prefetch_rows_l2(k_cache_ptr + block * stride_kb + in_block * stride_ks + kv_head * stride_kh, size)
+    _prefetch_rows_l2(v_cache_ptr + block * stride_vb + in_block * stride_vs + kv_head * stride_vh, size)
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _split_kv_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, counters_ptr,
@@ -213,13 +251,17 @@ def _split_kv_decode_kernel(
     stride_ps, stride_ph, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
+    USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, ROW_BYTES: tl.constexpr, PREFETCH_KEYS: tl.constexpr,
 ):
     pdl_release_early(USE_PDL, RELEASE_EARLY)
-    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if PREFETCH_KEYS > 0:
+        _prefetch_segment_l2(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq,
+                             kv_head, split, num_splits, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                             stride_vh, stride_bt, BLOCK_SIZE, TILE_N, ROW_BYTES, PREFETCH_KEYS)
+    pdl_wait(USE_PDL)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -377,13 +419,15 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
                               counters: torch.Tensor | None = None, tile_n: int | None = None,
-                              num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                              num_warps: int = 4, num_stages: int = 2,
+                              prefetch: bool | None = None) -> torch.Tensor:
     """Flash-decoding over `num_splits` context segments for a batch where every q_len is 0 or 1.
 
     `counters`: int32, at least `num_seqs * num_kv_heads` zeros, which every launch leaves zero again, so one
     buffer serves every launch and CUDA-graph replay (but not two launches running at once). Without one large
     enough, a zeroed buffer is allocated for this call (a memset more). `tile_n` (keys per step), `num_warps`
-    and `num_stages` override the defaults, for benchmarks.
+    and `num_stages` override the defaults, for benchmarks. `prefetch` (default `PREFETCH_BEFORE_WAIT`): L2
+    prefetches before the PDL wait, where PDL is on.
     """
     shapes = _shapes(q, k_cache, v_cache, query_start_loc)
     if shapes is None:
@@ -398,6 +442,11 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if counters is None or counters.numel() < num_seqs * num_kv_heads:
         counters = torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=q.device)
     assert counters.dtype == torch.int32 and counters.is_contiguous() and counters.device == q.device
+    row_bytes = head_dim * k_cache.element_size()
+    if prefetch is None:
+        prefetch = PREFETCH_BEFORE_WAIT
+    # The bulk prefetch takes 16-byte multiples, and before the wait there is only something to win under PDL.
+    prefetch_keys = 2 * tile_n if prefetch and use_pdl(q.device) and row_bytes % 16 == 0 else 0
     _split_kv_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, num_splits,
@@ -407,7 +456,7 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=max(16, triton.next_power_of_2(group)), SPLITS_P=triton.next_power_of_2(num_splits),
-        TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
+        TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype), ROW_BYTES=row_bytes, PREFETCH_KEYS=prefetch_keys,
         num_warps=num_warps, num_stages=num_stages,
         **pdl_small_kernel_args(q.device, num_seqs * num_kv_heads * num_splits),
     )

@@ -16,7 +16,9 @@ else is waiting for.
 
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
-still reading).
+still reading). What the host copied in before the step's first kernel (lengths, block tables) may be read: a
+copy is never overlapped, so it completed before any kernel after it started. An L2 prefetch reads nothing
+into the kernel and L2 is where writes land, so it may name memory an earlier kernel is still writing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ PDL_ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
 # eighth session's rule; 0.01 ms a step slower at batch 1 on an H100, ninth session).
 EARLY_RELEASE = os.environ.get("EMBER_PDL_EARLY", "1") != "0"
 EARLY_RELEASE_ANY_SIZE = os.environ.get("EMBER_PDL_EARLY") != "wave"
+# `EMBER_ATTN_PREFETCH=1` (experimental, off until measured): at batch 1 the qkv GEMV releases attention as soon as
+# its own wait is over (`gemv_qkv.RELEASE_AT_WAIT`), and split-KV attention asks L2 for its segment's K/V before
+# its wait (`paged_attention.PREFETCH_BEFORE_WAIT`), so the context's K/V is on its way while the GEMV's last
+# wave runs.
+ATTENTION_PREFETCH = os.environ.get("EMBER_ATTN_PREFETCH", "0") == "1"
 
 
 def _cuda_index(device: torch.device) -> int:

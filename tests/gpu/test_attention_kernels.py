@@ -288,6 +288,37 @@ def test_split_kv_persistent_counters() -> None:
         assert counters.eq(0).all()
 
 
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="the prefetch runs under PDL on a GPU")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+@pytest.mark.parametrize("cache_dtype", [None, FP8], ids=["cache-as-q", "fp8-cache"])
+def test_split_kv_prefetch_before_the_wait_leaves_results_unchanged(cfg: Config,
+                                                                    cache_dtype: torch.dtype | None) -> None:
+    """`EMBER_ATTN_PREFETCH`: the split-KV programs ask L2 for their K/V before the PDL wait (Hopper and later).
+    The outputs are those of the launch without it, bit for bit, at segment and tile edges and long contexts."""
+    from ember.kernels.pdl import use_pdl
+
+    if not use_pdl(torch.device(DEVICE)):
+        pytest.skip("PDL needs Hopper or later (and EMBER_PDL on)")
+    if cache_dtype is not None:
+        if cfg.dtype == torch.float32:
+            pytest.skip("an FP8 cache serves 16-bit models")
+        _skip_interpreter_bf16(cache_dtype)
+    scale = cfg.head_dim ** -0.5
+    long = ([1, 1, 1], [4000, 1500, 257])
+    for i, (q_lens, seq_lens) in enumerate((SPLIT_KV_EDGES, CASES["decode"], long)):
+        b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=50 + i, cache_dtype=cache_dtype))
+        for splits in (2, 7, 32):
+            outs = []
+            for prefetch in (False, True):
+                out = poisoned_like(b.q)
+                split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
+                                          b.meta.query_start_loc, scale, splits, prefetch=prefetch)
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1]), (i, splits)
+            if cache_dtype is None:
+                assert_matches(outs[1], reference(b, scale), cfg.dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("num_seqs", [1, 3, 24])
 def test_long_context_decode(dtype: torch.dtype, num_seqs: int) -> None:

@@ -194,3 +194,70 @@ def test_linear_takes_the_gemv_for_one_row_only(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(gemv_mod, "ENABLED", False)
     linear.to(torch.bfloat16)(torch.randn(1, 256, device="cuda", dtype=torch.bfloat16))
     assert calls == [(1, 256)]
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="PDL runs on a GPU")
+@pytest.mark.parametrize("context", [1, 40, 200, 1500])
+def test_qkv_released_at_its_wait_before_prefetching_attention(monkeypatch: pytest.MonkeyPatch,
+                                                               context: int) -> None:
+    """`EMBER_ATTN_PREFETCH`: the fused qkv GEMV releases attention right after its wait, and attention asks L2
+    for the context's K/V before its own. Attention must still see the q and the newest k/v that the GEMV
+    writes: replayed in a CUDA graph at growing positions, the chain gives what it gives without either, bit
+    for bit (same kernels, same arithmetic)."""
+    from ember.kernels import gemv_qkv
+    from ember.kernels import paged_attention as attention_mod
+    from ember.kernels.pdl import use_pdl
+    from ember.model.layers import RotaryEmbedding
+
+    if not use_pdl(torch.device(DEVICE)):
+        pytest.skip("PDL needs Hopper or later (and EMBER_PDL on)")
+    heads, kv_heads, head_dim, k, bs = 32, 8, 128, 4096, 16
+    dtype = torch.bfloat16
+    x, w, _ = _inputs((heads + 2 * kv_heads) * head_dim, k, dtype, False, context)
+    rot = RotaryEmbedding(head_dim, 4096, 500000.0)
+    rot.build_cache(DEVICE)
+    steps = 12
+    blocks = (context + steps) // bs + 2
+    g = torch.Generator().manual_seed(context)
+    table = (torch.randperm(blocks + 4, generator=g)[:blocks] + 1).to(torch.int32)
+    cache0 = torch.randn(blocks + 5, bs, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    slot = torch.zeros(1, dtype=torch.long, device=DEVICE)
+    seq_lens = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    block_tables = table.view(1, -1).to(DEVICE)
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+
+    def run(fast: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(gemv_qkv, "RELEASE_AT_WAIT", fast)
+        monkeypatch.setattr(attention_mod, "PREFETCH_BEFORE_WAIT", fast)
+        kc, vc = cache0.clone(), cache0.clone()
+
+        def chain() -> torch.Tensor:
+            q = gemv_qkv.gemv_rotary_store_kv(x, w, None, heads, kv_heads, kc, vc, slot, pos, rot.cos_cache,
+                                              rot.sin_cache)
+            return attention_mod.paged_attention(q, kc, vc, block_tables, seq_lens, qsl, 1, head_dim ** -0.5,
+                                                 num_splits=16, counters=counters)
+
+        def at(p: int) -> None:
+            pos.fill_(p)
+            slot.fill_(int(table[p // bs]) * bs + p % bs)
+            seq_lens.fill_(p + 1)
+
+        at(context)
+        chain()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        outs = []
+        for p in range(context, context + steps):
+            at(p)
+            graph.replay()
+            outs.append(out.clone())
+        outs.append(kc.clone())
+        return outs
+
+    plain, fast = run(False), run(True)
+    for a, b in zip(plain, fast, strict=True):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
