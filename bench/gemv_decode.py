@@ -9,14 +9,14 @@ shape, and all of them with the lm_head in one graph: cuBLAS (`F.linear`) agains
 projection and prints the fastest.
 
 `--engine`: whole decode steps of the engine at batch 1, the decode graphs re-captured for each variant (`VARIANTS`:
-cuBLAS; the GEMV as ember runs it; rotary + KV store as their own kernel; short kernels releasing early only
-within one wave, or late; 8 MB prefetched; RMSNorms inside the products, `LlamaForCausalLM.fold_norms`: the
-weights are folded for every variant, which computes the same function with weightless norms; the qkv GEMV
-releasing attention at its wait, alone and with attention's L2 prefetch before its own, `EMBER_ATTN_PREFETCH`), two alternating
-rounds, beside the HBM roofline measured now. Each variant is timed on a fresh sequence, at contexts `--context`
-+ 20 to + 20 + `--steps`. The logits of one replay of each variant are compared with cuBLAS's. `--skip` adds steps
-with the launches of one kind of short kernel left out (attention, rotary + KV store, RMSNorm, SiLU·mul, all of them;
-from `SKIP_BASE`, where each is its own launch): what each costs in the chain.
+cuBLAS; the GEMV as ember runs it; rotary + KV store as their own kernel; short kernels releasing early only within
+one wave, or late; 8 MB prefetched; RMSNorms inside the products, `LlamaForCausalLM.fold_norms`: the weights are
+folded for every variant, which computes the same function with weightless norms; the qkv GEMV releasing attention
+at its wait, alone and with attention's L2 prefetch before its own, `EMBER_ATTN_PREFETCH`), two alternating rounds,
+beside the HBM roofline measured now. Each variant is timed on a fresh sequence, at contexts `--context` + 20 to +
+20 + `--steps`. The logits of one replay of each variant are compared with cuBLAS's. `--skip` adds steps with the
+launches of one kind of short kernel left out (attention, rotary + KV store, RMSNorm, SiLU·mul, all of them; from
+`SKIP_BASE`, where each is its own launch): what each costs in the chain.
 """
 
 from __future__ import annotations
