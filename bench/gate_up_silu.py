@@ -6,8 +6,9 @@ The MLP of a Llama layer writes gate_up = x @ W.T ([rows, 2 * inter]), then SiLU
 [rows, inter]. At ~5,000 tokens a step (offline) that second kernel is ~3.5 % of the step, at the copy rate already
 (`bench/elementwise.py`): only fusion removes it. Here one program computes a [BLOCK_M, BLOCK_N] tile of both
 halves (the gate rows j.. and the up rows inter + j.. of W share the x tile) and writes SiLU(gate) * up, rounded
-as the unfused path rounds (each half to the activation dtype first); two kernels, loading by pointers and by
-tensor descriptors (TMA on Hopper). It pays only if this GEMM keeps up with
+as the unfused path rounds (each half to the activation dtype first). Four kernels: loading by pointers, by tensor
+descriptors (TMA on Hopper), on weights interleaved by column block, and the engine's
+(`ember/kernels/gate_up_silu.py`: W seen as [2, inter, hidden]). It pays only if this GEMM keeps up with
 cuBLAS: printed beside the fused time are cuBLAS's product alone and cuBLAS + `silu_mul`, for launch shapes swept.
 
 On a CPU (`--device cpu`, run under `TRITON_INTERPRET=1`, small shapes: `--hidden 64 --intermediate 96 --rows 5
@@ -31,6 +32,8 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.errors import OutOfResources  # noqa: E402
 
 from ember.bench.profiling import replay_us  # noqa: E402
+from ember.kernels.gate_up_silu import gate_up_silu as gate_up_silu_3d  # noqa: E402
+from ember.kernels.gate_up_silu import grouped_tile, store_silu_mul  # noqa: E402
 from ember.model.layers import silu_mul, silu_mul_ref  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); each program holds two [BLOCK_M, BLOCK_N] fp32 accumulators.
@@ -40,21 +43,10 @@ CONFIGS = [(16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 64, 4, 4), (64, 12
 
 
 @triton.jit
-def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles sweep the column tiles
-    together, so their W tiles are reused from L2."""
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
-
-
-@triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om, K: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -80,13 +72,7 @@ def _gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn, stri
         x_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
-    # Rounded as the unfused path rounds: the product's halves to the activation dtype, SiLU in fp32 of the
-    # rounded gate, rounded, times up.
-    dtype = out_ptr.dtype.element_ty
-    g = acc_g.to(dtype).to(tl.float32)
-    u = acc_u.to(dtype)
-    h = (g / (1.0 + tl.exp(-g))).to(dtype) * u
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h, mask=row_ok & col_ok)
+    store_silu_mul(acc_g, acc_u, out_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -94,20 +80,14 @@ def _gate_up_silu_tma_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.con
                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The same tile through tensor descriptors (Hopper's TMA loads; out-of-bounds rows read as zeros). A gate
     tile that runs past row N reads up rows: only into output columns >= N, which are not stored."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = x_desc.load([pid_m * BLOCK_M, k])
         acc_g = tl.dot(a, w_desc.load([pid_n * BLOCK_N, k]).T, acc_g)
         acc_u = tl.dot(a, w_desc.load([N + pid_n * BLOCK_N, k]).T, acc_u)
-    dtype = out_ptr.dtype.element_ty
-    g = acc_g.to(dtype).to(tl.float32)
-    h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    store_silu_mul(acc_g, acc_u, out_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -116,53 +96,12 @@ def _gate_up_silu_interleaved_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K
                                      GROUP_M: tl.constexpr):
     """W's rows interleaved in blocks of BLOCK_N (gate block j, then up block j: `interleave`), so one
     [BLOCK_M, 2 * BLOCK_N] product (Hopper's widest wgmma at BLOCK_N 128) gives both halves of a tile."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w_desc.load([pid_n * 2 * BLOCK_N, k]).T, acc)
     acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    dtype = out_ptr.dtype.element_ty
-    g = acc_g.to(dtype).to(tl.float32)
-    h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-@triton.jit
-def _gate_up_silu_3d_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """The interleaved kernel's one wide product on W as stored: W seen as [2, N, K], one tensor-descriptor load
-    takes gate block j and up block j together ([2, BLOCK_N, BLOCK_K], flattened for the product)."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        w = tl.reshape(w_desc.load([0, pid_n * BLOCK_N, k]), (2 * BLOCK_N, BLOCK_K))
-        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w.T, acc)
-    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-    dtype = out_ptr.dtype.element_ty
-    g = acc_g.to(dtype).to(tl.float32)
-    h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
-def gate_up_silu_3d(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int, int]) -> torch.Tensor:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    m, k = x.shape
-    n = weight.shape[0] // 2
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn, bk, stages, warps = config
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _gate_up_silu_3d_kernel[grid](TensorDescriptor.from_tensor(x, [bm, bk]),
-                                  TensorDescriptor.from_tensor(weight.view(2, n, k), [2, bn, bk]), out, m, n,
-                                  out.stride(0), K=k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                  num_stages=stages, num_warps=warps)
-    return out
+    store_silu_mul(acc_g, acc_u, out_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 def interleave(weight: torch.Tensor, block_n: int) -> torch.Tensor:

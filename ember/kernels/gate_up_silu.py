@@ -31,21 +31,20 @@ GROUP_M = 8
 
 
 @triton.jit
-def _gate_up_silu_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so their W tiles come from L2.
-    pid = tl.program_id(0)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row tiles sweep the column tiles
+    together, so their W tiles come from L2."""
     per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
     first_m = (pid // per_group) * GROUP_M
     group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        # Rows past M and columns past N or K load as zeros (the descriptors' bounds).
-        w = tl.reshape(w_desc.load([0, pid_n * BLOCK_N, k]), (2 * BLOCK_N, BLOCK_K))
-        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w.T, acc)
-    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
+def store_silu_mul(acc_g, acc_u, out_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Write SiLU(gate) * up of one tile from its fp32 sums, rounded as the unfused path rounds: each half to the
+    activation dtype, SiLU in fp32 of the rounded gate, rounded, times up."""
     dtype = out_ptr.dtype.element_ty
     g = acc_g.to(dtype).to(tl.float32)
     h = (g / (1.0 + tl.exp(-g))).to(dtype) * acc_u.to(dtype)
@@ -53,6 +52,19 @@ def _gate_up_silu_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constex
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h,
              mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _gate_up_silu_kernel(x_desc, w_desc, out_ptr, M, N, stride_om, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        # Rows past M and columns past N or K load as zeros (the descriptors' bounds).
+        w = tl.reshape(w_desc.load([0, pid_n * BLOCK_N, k]), (2 * BLOCK_N, BLOCK_K))
+        acc = tl.dot(x_desc.load([pid_m * BLOCK_M, k]), w.T, acc)
+    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+    store_silu_mul(acc_g, acc_u, out_ptr, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
