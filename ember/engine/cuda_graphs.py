@@ -123,6 +123,8 @@ class DecodeGraphs:
         h[0, b:size], h[1, b:size], h[2, b:size], h[3, b:size] = 0, 0, -1, 1
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
+        # Copies, never kernels: attention may read the lengths and block tables before its PDL wait
+        # (`ember.kernels.pdl`).
         self.input_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.slot_mapping[:size].copy_(host[2, :size], non_blocking=True)

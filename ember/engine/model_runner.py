@@ -217,6 +217,8 @@ class ModelRunner:
         return b, sample_seqs, prompt_lp
 
     def device_inputs(self, b: HostBatch) -> StepInputs:
+        # Host-to-device copies only: attention may read the lengths and block tables before its PDL wait
+        # (`ember.kernels.pdl`), which a kernel writing them would make unsafe.
         meta = AttentionMetadata(
             slot_mapping=self._tensor(b.slots, torch.int64),
             query_start_loc=self._tensor(b.query_start_loc, torch.int32),

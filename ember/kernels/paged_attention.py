@@ -415,6 +415,12 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
+def _rows_16_byte_aligned(*caches: torch.Tensor) -> bool:
+    """Whether every [head_dim] row of the caches starts on a 16-byte boundary and is a multiple of 16 bytes."""
+    return all(c.data_ptr() % 16 == 0 and all(c.stride(i) * c.element_size() % 16 == 0 for i in range(3))
+               and c.shape[-1] * c.element_size() % 16 == 0 for c in caches)
+
+
 def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
@@ -445,8 +451,8 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     row_bytes = head_dim * k_cache.element_size()
     if prefetch is None:
         prefetch = PREFETCH_BEFORE_WAIT
-    # The bulk prefetch takes 16-byte multiples, and before the wait there is only something to win under PDL.
-    prefetch_keys = 2 * tile_n if prefetch and use_pdl(q.device) and row_bytes % 16 == 0 else 0
+    # Before the wait there is only something to win under PDL; the bulk prefetch takes 16-byte aligned rows.
+    prefetch_keys = 2 * tile_n if prefetch and use_pdl(q.device) and _rows_16_byte_aligned(k_cache, v_cache) else 0
     _split_kv_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, counters, block_tables, seq_lens, query_start_loc,
         scale * _LOG2E, num_splits,

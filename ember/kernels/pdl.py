@@ -3,8 +3,8 @@
 Each decode step is a chain of a few hundred short kernels; between two of them the GPU drains the first
 grid's last blocks and then launches the next, a few microseconds with little memory traffic each time. With
 PDL the next kernel's blocks launch as soon as every block of the current one has called
-`griddepcontrol.launch_dependents` (`pdl_release`, placed after a kernel's last loads, so the next kernel's
-waiting blocks do not take SM slots from this one's remaining work); they start with `griddepcontrol.wait`
+`griddepcontrol.launch_dependents` (`pdl_release`, placed after a kernel's last loads, so that whatever the next
+kernel loads before its wait does not compete with them for bandwidth); they start with `griddepcontrol.wait`
 (`pdl_wait`) until it has completed and its writes are visible. What is saved is the launch and ramp-up gap
 between two kernels.
 
@@ -16,9 +16,14 @@ else is waiting for.
 
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
-still reading). What the host copied in before the step's first kernel (lengths, block tables) may be read: a
-copy is never overlapped, so it completed before any kernel after it started. An L2 prefetch reads nothing
-into the kernel and L2 is where writes land, so it may name memory an earlier kernel is still writing.
+still reading). Two exceptions, used by `EMBER_ATTN_PREFETCH`:
+- Buffers written only by host-to-device copies (a step's lengths and block tables: `ModelRunner.device_inputs`,
+  `DecodeGraphs.run`) may be read: PDL overlaps a kernel only with the kernel before it, never with a copy, so
+  the copy completed before any kernel after it started. A kernel that ever wrote them (an on-device
+  `seq_lens += 1`) would end this.
+- An L2 prefetch reads nothing into the kernel, and L2 is where writes land, so it may name memory an earlier
+  kernel is still writing. Its address must still be in bounds and 16-byte aligned (a bulk prefetch to an
+  unmapped address is not documented as harmless).
 """
 
 from __future__ import annotations

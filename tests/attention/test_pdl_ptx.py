@@ -47,6 +47,12 @@ def test_split_kv_prefetches_before_its_wait(prefetch_keys: int) -> None:
     wait = _first(lines, "griddepcontrol.wait")
     # Released as it starts (a short kernel), so the o_proj GEMV after it can start reading its weights.
     assert _first(lines, "griddepcontrol.launch_dependents") < wait
+    # Before the wait: nothing written at all, and no loads but the lengths and the block table (no K/V into the
+    # program: what it prefetches goes to L2 only).
+    before = lines[:wait]
+    assert not any(op in line for line in before for op in ("st.global", "atom.", "red."))
+    # The int32 lengths and block-table entries load as scalar b32; bf16 K/V would be b16 or vectors.
+    assert all("ld.global.b32 {" in line for line in before if "ld.global" in line)
     prefetches = [i for i, line in enumerate(lines) if "cp.async.bulk.prefetch.L2" in line]
     if prefetch_keys:
         # 256 keys over 128 threads, K and V: two rows each, and all of them before the wait.
@@ -66,8 +72,8 @@ def test_qkv_gemv_releases_after_its_wait(release_at_wait: bool) -> None:
         HALF=64, BLOCK_SIZE=16, HAS_BIAS=False, RMS_NORM=False, BLOCK_K=2048, EVEN_K=True, USE_PDL=True,
         RELEASE_AT_WAIT=release_at_wait), num_warps=8, num_stages=4)
     wait, release = _first(lines, "griddepcontrol.wait"), _first(lines, "griddepcontrol.launch_dependents")
-    # Either way after the wait: everything before this kernel has completed when attention launches, which is
-    # what lets attention read the block table and lengths before its own wait.
+    # Either way after the wait, so everything before this kernel has completed when attention launches. (What
+    # attention reads before its own wait, lengths and block tables, is safe without that: host copies.)
     assert wait < release
     loads_between = sum("ld.global" in line for line in lines[wait:release])
     # At its wait: nothing of the K loop in between. After the loop: its weight tiles' loads are.

@@ -294,7 +294,9 @@ def test_split_kv_persistent_counters() -> None:
 def test_split_kv_prefetch_before_the_wait_leaves_results_unchanged(cfg: Config,
                                                                     cache_dtype: torch.dtype | None) -> None:
     """`EMBER_ATTN_PREFETCH`: the split-KV programs ask L2 for their K/V before the PDL wait (Hopper and later).
-    The outputs are those of the launch without it, bit for bit, at segment and tile edges and long contexts."""
+    The outputs are those of the launch without it, bit for bit, at segment and tile edges and long contexts, and
+    nothing out of bounds is asked for. Nothing writes the cache while these run (the kernel before is no PDL
+    kernel): tests/gpu/test_gemv.py overlaps the writer."""
     from ember.kernels.pdl import use_pdl
 
     if not use_pdl(torch.device(DEVICE)):

@@ -202,8 +202,9 @@ def test_qkv_released_at_its_wait_before_prefetching_attention(monkeypatch: pyte
                                                                context: int) -> None:
     """`EMBER_ATTN_PREFETCH`: the fused qkv GEMV releases attention right after its wait, and attention asks L2
     for the context's K/V before its own. Attention must still see the q and the newest k/v that the GEMV
-    writes: replayed in a CUDA graph at growing positions, the chain gives what it gives without either, bit
-    for bit (same kernels, same arithmetic)."""
+    writes: replayed in a CUDA graph at growing positions, its inputs copied in from pinned host memory as the
+    engine's are, the chain gives what it gives without either, bit for bit (same kernels, same arithmetic; the
+    chain without them is checked against the torch reference by the tests above and test_attention_kernels)."""
     from ember.kernels import gemv_qkv
     from ember.kernels import paged_attention as attention_mod
     from ember.kernels.pdl import use_pdl
@@ -239,10 +240,14 @@ def test_qkv_released_at_its_wait_before_prefetching_attention(monkeypatch: pyte
             return attention_mod.paged_attention(q, kc, vc, block_tables, seq_lens, qsl, 1, head_dim ** -0.5,
                                                  num_splits=16, counters=counters)
 
+        host = torch.zeros(3, dtype=torch.long).pin_memory()
+
         def at(p: int) -> None:
-            pos.fill_(p)
-            slot.fill_(int(table[p // bs]) * bs + p % bs)
-            seq_lens.fill_(p + 1)
+            torch.cuda.synchronize()  # the pinned buffer is reused
+            host[0], host[1], host[2] = p, int(table[p // bs]) * bs + p % bs, p + 1
+            pos.copy_(host[0:1], non_blocking=True)
+            slot.copy_(host[1:2], non_blocking=True)
+            seq_lens.copy_(host[2:3], non_blocking=True)
 
         at(context)
         chain()  # compile outside the capture
@@ -254,7 +259,7 @@ def test_qkv_released_at_its_wait_before_prefetching_attention(monkeypatch: pyte
             at(p)
             graph.replay()
             outs.append(out.clone())
-        outs.append(kc.clone())
+        outs += [kc.clone(), vc.clone()]
         return outs
 
     plain, fast = run(False), run(True)
