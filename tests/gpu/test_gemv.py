@@ -250,7 +250,11 @@ def test_qkv_released_at_its_wait_before_prefetching_attention(monkeypatch: pyte
             seq_lens.copy_(host[2:3], non_blocking=True)
 
         at(context)
-        chain()  # compile outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            chain()  # compile outside the capture
+        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = chain()
