@@ -7,7 +7,8 @@ One step of `ember bench throughput` on Llama-3.1-8B (1024 in, 128 out) holds ~2
 contexts and ~4.7k prefill-chunk tokens. The unified kernel runs them in one launch with one tile shape. This
 times that launch, then the decodes alone and the prefill chunks alone (each with the shapes given), beside
 their floors measured in the same run: the decodes' K/V bytes over a device copy's rate, and the chunks'
-attention FLOPs over torch SDPA (FlashAttention) on the same dense causal problem.
+attention FLOPs over torch SDPA (FlashAttention) on the same dense causal problem. The mixed launch is also timed
+with its tiles taken in a scattered order (`EMBER_ATTN_SCATTER`), so that both kinds run side by side.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def main() -> None:
                       rep=40) * 1e3
     print(f"{args.kv_cache_dtype} cache; copy {copy_gbs:,.0f} GB/s; decodes' K/V {kv_bytes / 1e9:.2f} GB -> floor "
           f"{kv_bytes / copy_gbs / 1e3:.0f} us; prefill chunks {chunks}: SDPA (flash) {t_sdpa:.0f} us")
-    print(f"mixed batch, one launch (default shape): {run(mixed):8.0f} us")
+    print(f"mixed batch, one launch (default shape): {run(mixed, scatter=False):8.0f} us")
+    print(f"the same, tiles scattered:              {run(mixed, scatter=True):8.0f} us  (EMBER_ATTN_SCATTER=1)")
     print(f"decodes alone (default shape):          {run(dec):8.0f} us")
     print(f"prefill alone (default shape):          {run(pre):8.0f} us")
     if args.no_sweep:

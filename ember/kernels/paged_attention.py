@@ -18,6 +18,9 @@ read on the device, so decode batches can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +42,12 @@ MAX_SPLITS = 32
 # Split-KV programs launched with PDL ask L2 for the K/V rows of their segment's first two tiles before their wait
 # (`_prefetch_segment_l2`): at batch 1 the context's K/V was last read a whole step ago and is long out of L2.
 PREFETCH_BEFORE_WAIT = ATTENTION_PREFETCH
+# `EMBER_ATTN_SCATTER=1` (experimental, off until measured): the unified kernel's programs take their tiles in a
+# scattered order (`_scatter_stride`). A mixed step's batch lists its decodes first, and programs start roughly in
+# grid order, so the decodes' tiles (bound by K/V bandwidth) and the prefill chunks' tiles (bound by the tensor
+# cores) otherwise run mostly one after the other: one launch measured as long as the two halves apart
+# (docs/PERFORMANCE.md, fourteenth session). Scattered, every wave holds both kinds.
+SCATTER_TILES = os.environ.get("EMBER_ATTN_SCATTER", "0") == "1"
 
 
 @triton.jit
@@ -116,18 +125,20 @@ def _attend_kv_range(
 # Integers that change from step to step are not specialized on (Triton compiles a variant for a value of 1 and
 # for multiples of 16): in eager mode each new variant was a JIT compile, ~0.8 s, in the middle of serving.
 # stride_bt is the widest block table of the batch, 1 for short sequences.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "tile_stride"])
 def _unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2e, num_seqs,
+    scale_log2e, num_seqs, tile_stride,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, SCATTER: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     pid = tl.program_id(0)
+    if SCATTER:  # a bijection of the tile slots: tile_stride is coprime with their number
+        pid = ((pid.to(tl.int64) * tile_stride) % tl.num_programs(0)).to(tl.int32)
     kv_head = tl.program_id(1)
     seq = _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -355,6 +366,15 @@ def _tile_n(q: torch.Tensor, k_cache: torch.Tensor, cap: int) -> int:
     return max(16, min(cap, 32768 // (q.shape[-1] * elt)))
 
 
+def _scatter_stride(slots: int) -> int:
+    """A stride coprime with `slots` near its golden section: `i * stride % slots` visits every slot once, with
+    consecutive i far apart."""
+    stride = max(1, round(slots * 0.618))
+    while math.gcd(stride, slots) != 1:
+        stride += 1
+    return stride
+
+
 def _shapes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             query_start_loc: torch.Tensor) -> tuple[int, int, int, int] | None:
     """(num_heads, head_dim, num_kv_heads, num_seqs) after checking what the kernels assume; None for an
@@ -375,11 +395,12 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       max_query_len: int, scale: float, *, block_m: int | None = None,
                       tile_n: int | None = None, num_warps: int = 4,
-                      num_stages: int | None = None) -> torch.Tensor:
+                      num_stages: int | None = None, scatter: bool | None = None) -> torch.Tensor:
     """Causal paged attention of a mixed batch into `out`: a program per (sequence, query tile, KV head).
 
     `block_m` (rows per tile), `tile_n` (keys per step), `num_warps` and `num_stages` override the defaults,
-    for benchmarks.
+    for benchmarks; so does `scatter` (default `SCATTER_TILES`: tiles taken in a scattered order where the batch
+    has prefill chunks).
     """
     shapes = _shapes(q, k_cache, v_cache, query_start_loc)
     if shapes is None:
@@ -402,14 +423,16 @@ def unified_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # (512-token chunk after a 3.5k prefix: 111 us vs 122, one measurement each).
         num_stages = 2 if max_query_len == 1 else 3
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    # Only a batch of prefill chunks has tiles of two kinds to mix.
+    scatter = (SCATTER_TILES if scatter is None else scatter) and max_query_len > 1
     _unified_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, num_seqs,
+        scale * _LOG2E, num_seqs, _scatter_stride(grid[0]) if scatter else 1,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype), SCATTER=scatter,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch_args(q.device),
     )
     return out

@@ -200,6 +200,30 @@ def test_paged_attention_matches_reference(cfg: Config, case: str) -> None:
     assert_matches(out, reference(b, scale), cfg.dtype)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
+def test_paged_attention_with_scattered_tiles(cfg: Config) -> None:
+    """`EMBER_ATTN_SCATTER`: the unified kernel's programs take their tiles in a scattered order; every tile is
+    still computed once (outputs start as NaN) and the results are those of the plain order, bit for bit."""
+    from ember.kernels.paged_attention import _scatter_stride
+
+    _skip_interpreter_bf16(cfg.dtype)
+    for slots in (1, 2, 10, 12, 97, 4400):
+        stride = _scatter_stride(slots)
+        assert sorted(i * stride % slots for i in range(slots)) == list(range(slots))
+    scale = cfg.head_dim ** -0.5
+    for case in ("prefix_chunk", "mixed"):
+        q_lens, seq_lens = CASES[case]
+        b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=200 + list(CASES).index(case)))
+        outs = []
+        for scatter in (False, True):
+            out = poisoned_like(b.q)
+            unified_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
+                              b.meta.query_start_loc, b.meta.max_query_len, scale, scatter=scatter)
+            outs.append(out)
+        assert_matches(outs[1], reference(b, scale), cfg.dtype)
+        assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("cfg", CONFIGS[:2], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_over_an_fp8_cache(cfg: Config, case: str) -> None:
