@@ -1,6 +1,7 @@
 """Where the batch-1 chain's kernels wait and release under PDL, read from the sm_90 PTX that Triton compiles
 (and ptxas assembles) on this machine without a GPU: the GPU-only code paths at least lower, and their order is
-the one `ember.kernels.pdl` relies on (`EMBER_ATTN_PREFETCH`). The results on a GPU: tests/gpu."""
+the one `ember.kernels.pdl` relies on (`EMBER_ATTN_PREFETCH`); the unified attention kernel in both tile orders
+(`EMBER_ATTN_SCATTER`). The results on a GPU: tests/gpu."""
 
 from __future__ import annotations
 
@@ -79,3 +80,15 @@ def test_qkv_gemv_releases_after_its_wait(release_at_wait: bool) -> None:
     # At its wait: nothing of the K loop in between. After the loop: its weight tiles' loads are.
     assert (loads_between == 0) if release_at_wait else (loads_between > 0)
     assert sum("griddepcontrol.launch_dependents" in line for line in lines) == 1
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_unified_kernel_waits_first_in_either_tile_order(scatter: bool) -> None:
+    """`EMBER_ATTN_SCATTER` only renumbers the programs: the kernel still lowers for sm_90 and touches no memory
+    before its PDL wait."""
+    lines = _ptx_lines(attention._unified_attention_kernel, ATTENTION_TYPES, dict(
+        GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=64, BLOCK_Q=16, TILE_N=64, DOT_PRECISION="tf32",
+        USE_PDL=True, SCATTER=scatter), num_warps=4, num_stages=3)
+    wait = _first(lines, "griddepcontrol.wait")
+    assert not any("ld.global" in line or "st.global" in line for line in lines[:wait])
+    assert any(op in line for line in lines[wait:] for op in ("rem.s64", "rem.u64")) == scatter
