@@ -239,9 +239,9 @@ def _prefetch_segment_l2(
     newest key's row, which the kernel ahead may still be writing, is among those asked for, harmlessly."""
     q_len = tl.load(query_start_loc_ptr + seq + 1) - tl.load(query_start_loc_ptr + seq)
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_start = split * _segment_len(seq_len, num_splits, TILE_N)
-    kv_end = tl.minimum(tl.minimum(kv_start + _segment_len(seq_len, num_splits, TILE_N), seq_len),
-                        kv_start + PREFETCH_KEYS)
+    seg_len = _segment_len(seq_len, num_splits, TILE_N)
+    kv_start = split * seg_len
+    kv_end = tl.minimum(tl.minimum(kv_start + seg_len, seq_len), kv_start + PREFETCH_KEYS)
     kpos = kv_start + tl.arange(0, PREFETCH_KEYS)
     kmask = (kpos < kv_end) & (q_len > 0)
     block = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_bt + kpos // BLOCK_SIZE, mask=kmask,

@@ -30,6 +30,7 @@ from ember.attention.backend import AttentionMetadata  # noqa: E402
 from ember.attention.torch_ref import TorchAttention, paged_attention_ref  # noqa: E402
 from ember.attention.torch_ref import store_kv as store_kv_ref  # noqa: E402
 from ember.attention.triton_backend import TritonAttention  # noqa: E402
+from ember.bench.profiling import capture_graph  # noqa: E402
 from ember.kernels.paged_attention import (  # noqa: E402
     default_num_splits,
     paged_attention,
@@ -465,14 +466,9 @@ def test_decode_is_cuda_graph_capturable(num_seqs: int) -> None:
         return paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, 1, scale, counters=counters)
 
     load(first)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    captured = []  # the warm-up's output, then the graph's
+    graph = capture_graph(lambda: captured.append(step()))
+    out = captured[-1]
     for b in batches[1:] + batches[:1]:
         load(b)
         out.fill_(float("nan"))

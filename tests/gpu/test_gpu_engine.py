@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -134,21 +136,34 @@ def test_batch1_fused_paths_match_the_unfused_gpu_path(monkeypatch: pytest.Monke
     assert same >= 7 and worst < 0.1
 
 
+def _sixteen_prompts_off_and_on(switch: Callable[[bool], None],
+                                 check: Callable[[LLM, bool], None] | None = None) -> tuple[int, float]:
+    """`_compare_runs` of 16 prompts' greedy continuations (8 tokens, 5 logprobs each) on an engine made after
+    `switch(False)` and one made after `switch(True)`; `check(llm, on)` looks at each engine first."""
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    runs = []
+    for on in (False, True):
+        switch(on)
+        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=16) as llm:
+            if check is not None:
+                check(llm, on)
+            prompts = _prompts(llm.tokenizer)[:16]
+            runs.append([o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)])
+    return _compare_runs(*runs)
+
+
 def test_residual_in_products_matches_the_fused_norm_path(monkeypatch: pytest.MonkeyPatch):
     """Several sequences a step with each residual added inside cuBLAS's product (`Linear.forward`, in place)
     against the add + RMSNorm kernel doing it: the same tokens and logprobs (on an H100 identical; a different
     rounding of the sum elsewhere may flip a rare near-tie)."""
-    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
-    runs = []
     from ember.model import linear
 
-    for in_products in (False, True):
-        monkeypatch.setattr(linear, "RESIDUAL_IN_PRODUCTS", in_products)  # read by the loader, before capture
-        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=16) as llm:
-            assert llm.engine.model.model.residual_in_products == in_products
-            prompts = _prompts(llm.tokenizer)[:16]
-            runs.append([o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)])
-    same, worst = _compare_runs(*runs)
+    def check(llm: LLM, in_products: bool) -> None:
+        assert llm.engine.model.model.residual_in_products == in_products
+
+    # Read by the loader, before capture.
+    same, worst = _sixteen_prompts_off_and_on(
+        lambda on: monkeypatch.setattr(linear, "RESIDUAL_IN_PRODUCTS", on), check)
     print(f"residual in products vs in the norm kernel: {same}/16 identical continuations; logprob diff at most "
           f"{worst:.4f}")
     assert same >= 14 and worst < 0.1
@@ -160,15 +175,8 @@ def test_gate_up_silu_kernel_matches_the_unfused_mlp(monkeypatch: pytest.MonkeyP
     logprobs (both sum in fp32 and round each half once; the order of the sums may differ)."""
     from ember.kernels import gate_up_silu
 
-    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
-    runs = []
-    for enabled in (False, True):
-        monkeypatch.setattr(gate_up_silu, "ENABLED", enabled)
-        monkeypatch.setattr(gate_up_silu, "MIN_ROWS", 64)
-        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=16) as llm:
-            prompts = _prompts(llm.tokenizer)[:16]
-            runs.append([o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)])
-    same, worst = _compare_runs(*runs)
+    monkeypatch.setattr(gate_up_silu, "MIN_ROWS", 64)
+    same, worst = _sixteen_prompts_off_and_on(lambda on: monkeypatch.setattr(gate_up_silu, "ENABLED", on))
     print(f"gate/up + SiLU·mul kernel vs cuBLAS + silu_mul: {same}/16 identical continuations; logprob diff at "
           f"most {worst:.4f}")
     assert same >= 14 and worst < 0.1
