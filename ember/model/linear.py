@@ -9,10 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 # The multi-row CUDA forward adds each residual in the product before the next RMSNorm instead of in that norm's
 # kernel (`LlamaDecoderLayer.forward_residual_in_products`; offline 0.8 % faster on an H100, fifteenth session).
-# `EMBER_RESIDUAL_IN_PRODUCTS=0`: the add + RMSNorm kernel does it, the baseline when measuring this.
-RESIDUAL_IN_PRODUCTS = os.environ.get("EMBER_RESIDUAL_IN_PRODUCTS", "1") != "0"
+# `EMBER_RESIDUAL_IN_PRODUCTS=0`: the add + RMSNorm kernel does it, the baseline when measuring this; `=N` (N > 1):
+# only steps of at least N tokens add it in the products (cuBLAS may pick another kernel for a product with an
+# addend, which can cost more than the passes saved at a few hundred rows: seventeenth session).
+def residual_in_products_setting(value: str) -> tuple[bool, int]:
+    """`EMBER_RESIDUAL_IN_PRODUCTS` as (on, the fewest tokens of a step that takes it)."""
+    if not value.strip().isdigit():
+        raise ValueError(f"EMBER_RESIDUAL_IN_PRODUCTS must be 0, 1 or a token count, not {value!r}")
+    return int(value) != 0, max(2, int(value))
+
+
+RESIDUAL_IN_PRODUCTS, RESIDUAL_IN_PRODUCTS_MIN_TOKENS = residual_in_products_setting(
+    os.environ.get("EMBER_RESIDUAL_IN_PRODUCTS", "1"))
 
 
 class Linear(nn.Linear):

@@ -98,9 +98,10 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norms_folded = False  # see LlamaForCausalLM.fold_norms
-        # Steps of several tokens through `LlamaDecoderLayer.forward_residual_in_products` (16-bit weights on one
-        # GPU: set by the loader).
+        # Steps of at least `residual_in_products_min_tokens` tokens through
+        # `LlamaDecoderLayer.forward_residual_in_products` (16-bit weights on one GPU: set by the loader).
         self.residual_in_products = False
+        self.residual_in_products_min_tokens = 2
 
     def forward(self, input_ids, positions, kv_caches, meta, attn) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -108,7 +109,7 @@ class LlamaModel(nn.Module):
             for layer, kv in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward_folded(positions, x, kv, meta, attn)
             return self.norm(x)
-        if self.residual_in_products and x.shape[0] > 1:
+        if self.residual_in_products and x.shape[0] >= self.residual_in_products_min_tokens:
             for layer, kv in zip(self.layers, kv_caches, strict=True):
                 x = layer.forward_residual_in_products(positions, x, kv, meta, attn)
             return self.norm(x)

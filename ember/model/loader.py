@@ -564,9 +564,10 @@ def build_model(source: ModelSource, arch: ModelArchConfig, dtype: torch.dtype, 
         quantize_model(model, quantization, checkpoint_scales, per_tensor)
     elif device.type == "cuda" and not model.tp.enabled:
         from ember.kernels import gemv
-        from ember.model.linear import RESIDUAL_IN_PRODUCTS
+        from ember.model.linear import RESIDUAL_IN_PRODUCTS, RESIDUAL_IN_PRODUCTS_MIN_TOKENS
 
         model.model.residual_in_products = RESIDUAL_IN_PRODUCTS
+        model.model.residual_in_products_min_tokens = RESIDUAL_IN_PRODUCTS_MIN_TOKENS
         if gemv.folds_norms(device, dtype):
             model.fold_norms()
             logger.info("RMSNorm weights folded into the products that follow them (batch-1 steps normalise "
