@@ -42,11 +42,11 @@ MAX_SPLITS = 32
 # Split-KV programs launched with PDL ask L2 for the K/V rows of their segment's first two tiles before their wait
 # (`_prefetch_segment_l2`): at batch 1 the context's K/V was last read a whole step ago and is long out of L2.
 PREFETCH_BEFORE_WAIT = ATTENTION_PREFETCH
-# `EMBER_ATTN_SCATTER=1` (experimental, off until measured): the unified kernel's programs take their tiles in a
-# scattered order (`_scatter_stride`). A mixed step's batch lists its decodes first, and programs start roughly in
-# grid order, so the decodes' tiles (bound by K/V bandwidth) and the prefill chunks' tiles (bound by the tensor
-# cores) otherwise run mostly one after the other: one launch measured as long as the two halves apart
-# (docs/PERFORMANCE.md, fourteenth session). Scattered, every wave holds both kinds.
+# `EMBER_ATTN_SCATTER=1` (experimental, off: the offline launch 7 % faster on an H100, the run within its noise): the
+# unified kernel's programs take their tiles in a scattered order (`_scatter_stride`). A mixed step's batch lists its
+# decodes first, and programs start roughly in grid order, so the decodes' tiles (bound by K/V bandwidth) and the
+# prefill chunks' tiles (bound by the tensor cores) otherwise run mostly one after the other: one launch measured as
+# long as the two halves apart (docs/PERFORMANCE.md, fourteenth session). Scattered, every wave holds both kinds.
 SCATTER_TILES = os.environ.get("EMBER_ATTN_SCATTER", "0") == "1"
 
 

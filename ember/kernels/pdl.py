@@ -43,10 +43,11 @@ PDL_ENABLED = os.environ.get("EMBER_PDL", "1") != "0"
 # eighth session's rule; 0.01 ms a step slower at batch 1 on an H100, ninth session).
 EARLY_RELEASE = os.environ.get("EMBER_PDL_EARLY", "1") != "0"
 EARLY_RELEASE_ANY_SIZE = os.environ.get("EMBER_PDL_EARLY") != "wave"
-# `EMBER_ATTN_PREFETCH=1` (experimental, off until measured): at batch 1 the qkv GEMV releases attention as soon as
-# its own wait is over (`gemv_qkv.RELEASE_AT_WAIT`), and split-KV attention asks L2 for its segment's K/V before
-# its wait (`paged_attention.PREFETCH_BEFORE_WAIT`), so the context's K/V is on its way while the GEMV's last
-# wave runs.
+# `EMBER_ATTN_PREFETCH=1` (experimental, off: 3 % slower at batch 1 on an H100, eighteenth session): at batch 1 the qkv
+# GEMV releases attention as soon as its own wait is over (`gemv_qkv.RELEASE_AT_WAIT`), and split-KV attention asks L2
+# for its segment's K/V before its wait (`paged_attention.PREFETCH_BEFORE_WAIT`), so the context's K/V is on its way
+# while the GEMV's last wave runs. Measured, the early release alone costs ~3 µs a layer (likely: attention's
+# programs hold SM slots while they wait, which the GEMV's tail still needs) and the prefetch adds ~1.5 µs.
 ATTENTION_PREFETCH = os.environ.get("EMBER_ATTN_PREFETCH", "0") == "1"
 
 
