@@ -51,11 +51,13 @@ def test_folded_norms_give_the_same_tokens(tmp_path: Path, tiny_checkpoints, mon
         assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(want_lp, got_lp, strict=True))
 
 
+@pytest.mark.parametrize("min_tokens", [2, 4])
 def test_residual_in_products_gives_the_same_tokens(tmp_path: Path, tiny_checkpoints,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, min_tokens: int) -> None:
     """`LlamaDecoderLayer.forward_residual_in_products` (each residual added by the product before the norm; on a
-    GPU inside cuBLAS, here by `linear_ref`): the same tokens and logprobs as the fused add + norm path, and the
-    one-sequence steps keep the usual path."""
+    GPU inside cuBLAS, here by `linear_ref`): the same tokens and logprobs as the fused add + norm path. Steps of
+    fewer than `residual_in_products_min_tokens` tokens (`EMBER_RESIDUAL_IN_PRODUCTS=N`) keep the usual path: at 2,
+    only the one-sequence steps; at 4, also the three-sequence decodes."""
     path = tiny_checkpoints.write(tmp_path, tiny_checkpoints.weights(std=0.2, seed=5), tokenizer=True)
     kw = dict(max_model_len=64, kv_cache_memory_bytes=4 << 20, enable_prefix_caching=False)
     with LLM(str(path), **kw) as llm:
@@ -67,36 +69,19 @@ def test_residual_in_products_gives_the_same_tokens(tmp_path: Path, tiny_checkpo
                         lambda self, positions, x, *a: rows.append(x.shape[0]) or original(self, positions, x, *a))
     with LLM(str(path), **kw) as llm:
         llm.engine.model.model.residual_in_products = True
+        llm.engine.model.model.residual_in_products_min_tokens = min_tokens
         got = _generate(llm, PROMPTS)
-    assert rows and min(rows) > 1  # the prompts' prefill and the three-sequence decodes; never one row
+    assert rows and min(rows) >= min_tokens  # the prompts' prefill (13 tokens) always takes it
+    assert (3 in rows) == (min_tokens <= 3)  # the three-sequence decodes
     for (want_ids, want_lp), (got_ids, got_lp) in zip(want, got, strict=True):
         assert got_ids == want_ids
         assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(want_lp, got_lp, strict=True))
 
 
-def test_residual_in_products_above_a_token_count(tmp_path: Path, tiny_checkpoints,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """`EMBER_RESIDUAL_IN_PRODUCTS=N`: only steps of at least N tokens take that path; the rest keep the fused add
-    + norm, and the tokens are the same."""
+def test_residual_in_products_setting() -> None:
     assert residual_in_products_setting("0") == (False, 2)
     assert residual_in_products_setting("1") == (True, 2)
     assert residual_in_products_setting(" 1024") == (True, 1024)
     for bad in ("", "on", "-3", "2.5"):
         with pytest.raises(ValueError, match="EMBER_RESIDUAL_IN_PRODUCTS"):
             residual_in_products_setting(bad)
-    path = tiny_checkpoints.write(tmp_path, tiny_checkpoints.weights(std=0.2, seed=5), tokenizer=True)
-    kw = dict(max_model_len=64, kv_cache_memory_bytes=4 << 20, enable_prefix_caching=False)
-    with LLM(str(path), **kw) as llm:
-        want = _generate(llm, PROMPTS)
-    rows = []
-    original = LlamaDecoderLayer.forward_residual_in_products
-    monkeypatch.setattr(LlamaDecoderLayer, "forward_residual_in_products",
-                        lambda self, positions, x, *a: rows.append(x.shape[0]) or original(self, positions, x, *a))
-    with LLM(str(path), **kw) as llm:
-        llm.engine.model.model.residual_in_products = True
-        llm.engine.model.model.residual_in_products_min_tokens = 4
-        got = _generate(llm, PROMPTS)
-    assert rows and min(rows) >= 4  # the prompts' prefill only: the three-sequence decodes keep the fused norm
-    for (want_ids, want_lp), (got_ids, got_lp) in zip(want, got, strict=True):
-        assert got_ids == want_ids
-        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(want_lp, got_lp, strict=True))
