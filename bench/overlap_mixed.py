@@ -84,20 +84,8 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model", nargs="?", default="llama-3.1-8b-instruct")
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--decodes", type=int, default=245)
-    ap.add_argument("--decode-context", type=int, default=1088)
-    ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 1024, 1024, 1024, 700])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+def run(eng: LLMEngine, args: argparse.Namespace) -> None:
     n_dec = args.decodes
-    eng = LLMEngine(EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
-                                 max_num_seqs=max(n_dec, 1)))
     runner, model, arch = eng.runner, eng.model, eng.arch
     for k_cache, v_cache in runner.kv_caches:  # contexts of finite values (the cache starts uninitialised)
         k_cache.normal_(0, 0.5)
@@ -116,7 +104,7 @@ def main() -> None:
         return model.compute_logits(hidden.index_select(0, idx))
 
     main_stream = torch.cuda.current_stream()
-    side = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])  # the higher priority
+    side = torch.cuda.Stream(priority=-100)  # lower is higher; out of range maps to the highest the device has
 
     def mixed() -> torch.Tensor:
         return forward(inputs["mix"], slice(0, n_dec))
@@ -182,6 +170,23 @@ def main() -> None:
                        "matmul_tflop_s": roof.matmul_rate / 1e12, "copy_gb_s": roof.bandwidth / 1e9,
                        "compute_floor_ms": compute_ms, "decode_kv_ms": kv_ms, "timings_ms": timings,
                        "logits": agree}, f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", default="llama-3.1-8b-instruct")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--decodes", type=int, default=245)
+    ap.add_argument("--decode-context", type=int, default=1088)
+    ap.add_argument("--chunks", type=int, nargs="+", default=[1024, 1024, 1024, 1024, 700])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    n_dec = args.decodes
+    eng = LLMEngine(EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
+                                 max_num_seqs=max(n_dec, 1)))
+    with torch.inference_mode():
+        run(eng, args)
     eng.close()
 
 
