@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from ember.bench.roofline import attention_flops, kv_bytes_per_token, matmul_flops_per_token, measure  # noqa: E402
+from ember.bench.roofline import (  # noqa: E402
+    attention_flops,
+    kv_bytes_per_token,
+    matmul_flops_per_token,
+    measure,
+    median_seconds,
+)
 from ember.config import EngineConfig  # noqa: E402
 from ember.engine.cuda_graphs import DecodeBatch  # noqa: E402
 from ember.engine.llm_engine import LLMEngine  # noqa: E402
@@ -70,26 +75,24 @@ def joined(first: HostBatch, second: HostBatch) -> HostBatch:
                      first.logits_indices + [rows + i for i in second.logits_indices])
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def fill_cache(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Contexts of finite values (the cache starts uninitialised)."""
+    for k_cache, v_cache in kv_caches:
+        k_cache.normal_(0, 0.5)
+        v_cache.normal_(0, 0.5)
+
+
+def sampled_logits(eng: LLMEngine, inp: StepInputs, rows: slice | None = None) -> torch.Tensor:
+    """One eager forward of `inp`, then the logits of its sampling rows (`rows` of them, if given)."""
+    hidden = eng.model(inp.input_ids, inp.positions, eng.runner.kv_caches, inp.meta, eng.runner.attn)
+    idx = inp.logits_indices if rows is None else inp.logits_indices[rows]
+    return eng.model.compute_logits(hidden.index_select(0, idx))
 
 
 def run(eng: LLMEngine, args: argparse.Namespace) -> None:
     n_dec = args.decodes
-    runner, model, arch = eng.runner, eng.model, eng.arch
-    for k_cache, v_cache in runner.kv_caches:  # contexts of finite values (the cache starts uninitialised)
-        k_cache.normal_(0, 0.5)
-        v_cache.normal_(0, 0.5)
+    runner, arch = eng.runner, eng.arch
+    fill_cache(runner.kv_caches)
     gen = torch.Generator().manual_seed(0)
     blocks = iter(range(1, runner.kv_caches[0][0].shape[0]))
     bs, vocab = runner.block_size, arch.vocab_size
@@ -98,47 +101,36 @@ def run(eng: LLMEngine, args: argparse.Namespace) -> None:
     mix = joined(dec, pre)
     inputs = {name: runner.device_inputs(b) for name, b in (("dec", dec), ("pre", pre), ("mix", mix))}
 
-    def forward(inp: StepInputs, rows: slice | None = None) -> torch.Tensor:
-        hidden = model(inp.input_ids, inp.positions, runner.kv_caches, inp.meta, runner.attn)
-        idx = inp.logits_indices if rows is None else inp.logits_indices[rows]
-        return model.compute_logits(hidden.index_select(0, idx))
-
     main_stream = torch.cuda.current_stream()
     side = torch.cuda.Stream(priority=-100)  # lower is higher; out of range maps to the highest the device has
 
     def mixed() -> torch.Tensor:
-        return forward(inputs["mix"], slice(0, n_dec))
+        return sampled_logits(eng, inputs["mix"], slice(0, n_dec))
 
     def serial() -> torch.Tensor:
-        out = forward(inputs["dec"])
-        forward(inputs["pre"])
+        out = sampled_logits(eng, inputs["dec"])
+        sampled_logits(eng, inputs["pre"])
         return out
 
-    def two_streams() -> torch.Tensor:
-        side.wait_stream(main_stream)
-        with torch.cuda.stream(side):
-            out = forward(inputs["dec"])
-        forward(inputs["pre"])
-        main_stream.wait_stream(side)
-        return out
+    def beside_the_chunks(decodes: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """`decodes` queued on the side stream, the chunks' forward on the main one."""
+        def fn() -> torch.Tensor:
+            side.wait_stream(main_stream)
+            with torch.cuda.stream(side):
+                out = decodes()
+            sampled_logits(eng, inputs["pre"])
+            main_stream.wait_stream(side)
+            return out
+        return fn
 
-    graphs = runner.graphs if runner.graphs is not None and n_dec <= runner.graphs.max_batch else None
-    graph_batch = DecodeBatch(dec.input_ids, dec.positions, dec.slots, dec.seq_lens,
-                              [t[:-(-s // bs)] for t, s in zip(dec.block_tables, dec.seq_lens, strict=True)])
-
-    def graph_and_chunks() -> torch.Tensor:
-        assert graphs is not None
-        side.wait_stream(main_stream)
-        with torch.cuda.stream(side):
-            out = graphs.run(graph_batch)
-        forward(inputs["pre"])
-        main_stream.wait_stream(side)
-        return out
-
-    variants: dict[str, Callable[[], torch.Tensor]] = {"mixed": mixed, "split, serial": serial,
-                                                       "split, two streams": two_streams}
-    if graphs is not None:
-        variants["graph + chunks"] = graph_and_chunks
+    variants: dict[str, Callable[[], torch.Tensor]] = {
+        "mixed": mixed, "split, serial": serial,
+        "split, two streams": beside_the_chunks(lambda: sampled_logits(eng, inputs["dec"]))}
+    graphs = runner.graphs
+    if graphs is not None and n_dec <= graphs.max_batch:
+        graph_batch = DecodeBatch(dec.input_ids, dec.positions, dec.slots, dec.seq_lens,
+                                  [t[:-(-s // bs)] for t, s in zip(dec.block_tables, dec.seq_lens, strict=True)])
+        variants["graph + chunks"] = beside_the_chunks(lambda: graphs.run(graph_batch))
     logits = {name: fn().float().clone() for name, fn in variants.items()}
     torch.cuda.synchronize()
     agree = {name: {"max_abs_diff_vs_serial": (lg - logits["split, serial"]).abs().max().item(),
@@ -158,7 +150,7 @@ def run(eng: LLMEngine, args: argparse.Namespace) -> None:
     # Two rounds, alternating, so a drifting clock shows as a spread rather than as a difference.
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for _, (name, fn) in itertools.product(range(2), variants.items()):
-        timings[name].append(median_ms(fn, args.reps))
+        timings[name].append(median_seconds(fn, eng.device, args.reps) * 1e3)
     for name, ts in timings.items():
         best = min(ts)
         print(f"{name:20s} {' '.join(f'{t:8.2f}' for t in ts)} ms  ({compute_ms / best * 100:5.1f} % of the compute "

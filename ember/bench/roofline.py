@@ -20,7 +20,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, reps: int) -> float:
+def median_seconds(fn, device: torch.device, reps: int) -> float:
     """Median seconds of `fn` over `reps` runs after a warm-up (device events on CUDA)."""
     fn()
     _sync(device)
@@ -46,7 +46,7 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
         nbytes = 1 << 28
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / _time(lambda: dst.copy_(src), device, 10)
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), device, 10)
 
 
 def _square_matmul(device: torch.device, dtype: torch.dtype, n: int, fp8: bool) -> Callable[[], object]:
@@ -64,7 +64,7 @@ def measure_matmul(device: torch.device, dtype: torch.dtype, n: int = 8192, fp8:
     """FLOP/s of a large square matmul on random data (`fp8`: of FP8 operands, as `--quantization fp8` runs)."""
     if device.type != "cuda":
         n = 1024
-    return 2 * n ** 3 / _time(_square_matmul(device, dtype, n, fp8), device, 10)
+    return 2 * n ** 3 / median_seconds(_square_matmul(device, dtype, n, fp8), device, 10)
 
 
 def measure_matmul_sustained(device: torch.device, dtype: torch.dtype, seconds: float = 5.0, n: int = 8192,
@@ -76,7 +76,8 @@ def measure_matmul_sustained(device: torch.device, dtype: torch.dtype, seconds: 
     if device.type != "cuda":
         return measure_matmul(device, dtype, fp8=fp8)
     mm = _square_matmul(device, dtype, n, fp8)
-    batch = max(1, int(0.1 / _time(mm, device, 3)))  # ~0.1 s queued ahead keeps the GPU busy between host checks
+    # ~0.1 s queued ahead keeps the GPU busy between host checks.
+    batch = max(1, int(0.1 / median_seconds(mm, device, 3)))
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         for _ in range(batch):

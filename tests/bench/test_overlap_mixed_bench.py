@@ -21,10 +21,8 @@ _spec.loader.exec_module(overlap_mixed)
 @torch.inference_mode()
 def test_mixed_batch_rows_match_its_halves() -> None:
     eng = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", max_model_len=64, device="cpu"))
-    runner, model = eng.runner, eng.model
-    for k_cache, v_cache in runner.kv_caches:
-        k_cache.normal_(0, 0.5)
-        v_cache.normal_(0, 0.5)
+    runner = eng.runner
+    overlap_mixed.fill_cache(runner.kv_caches)
     gen = torch.Generator().manual_seed(0)
     blocks = iter(range(1, runner.kv_caches[0][0].shape[0]))
     vocab = eng.arch.vocab_size
@@ -35,9 +33,7 @@ def test_mixed_batch_rows_match_its_halves() -> None:
     assert len({*mix.slots}) == len(mix.slots)  # every token its own cache slot
 
     def logits(batch):
-        inp = runner.device_inputs(batch)
-        hidden = model(inp.input_ids, inp.positions, runner.kv_caches, inp.meta, runner.attn)
-        return model.compute_logits(hidden.index_select(0, inp.logits_indices))
+        return overlap_mixed.sampled_logits(eng, runner.device_inputs(batch))
 
     both = logits(mix)
     torch.testing.assert_close(both[:3], logits(dec))
