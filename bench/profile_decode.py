@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=160)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0: greedy (the graph's own argmax)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--quantization", "-q", choices=["fp8", "none"], default=None)
@@ -41,7 +42,8 @@ def main() -> None:
                                  async_scheduling=args.async_scheduling, quantization=args.quantization))
     vocab = eng.arch.vocab_size
     for i, p in enumerate(random_prompts(args.batch, args.context, vocab)):
-        eng.add_request(f"d{i}", None, p, SamplingParams(max_tokens=4000 - args.context, ignore_eos=True))
+        eng.add_request(f"d{i}", None, p, SamplingParams(max_tokens=4000 - args.context, ignore_eos=True,
+                                                          temperature=args.temperature))
     while any(s.is_prefilling for r in eng.requests.values() for s in r.seqs):
         eng.step()
     for _ in range(3):
@@ -96,7 +98,7 @@ def main() -> None:
     gemm_us = per_fam.get("gemm", 0.0)
     total_us = sum(per_fam.values())
     res = {
-        "batch": args.batch, "padded_batch": size, "context": args.context,
+        "batch": args.batch, "padded_batch": size, "context": args.context, "temperature": args.temperature,
         "async_scheduling": eng.async_scheduling, "quantization": eng.loaded.quantization,
         "device": torch.cuda.get_device_name(),
         "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),

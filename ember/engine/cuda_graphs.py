@@ -3,6 +3,11 @@
 At batch 1 an 8B forward is ~600 kernel launches; from Python each costs ~10 us, inside a graph under 1 us. A
 graph is captured for a set of batch sizes; a step of b decodes runs the smallest captured size >= b, with
 the padding rows pointed at no cache slot (slot -1: nothing stored) and a context of one token.
+
+What runs between two replays is kept to three input copies and the tokens' read-back, because at batch 1
+each small operation there costs the step ~3-4 us (bench/profile_decode.py, tenth session). So the graph also
+takes the greedy tokens (the argmax of its logits, into `tokens`) and gathers its own input tokens: each row's
+either from the host's copy or from `tokens`, where the step before left its sampled tokens (async scheduling).
 """
 
 from __future__ import annotations
@@ -10,15 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
 from ember.model.llama import LlamaForCausalLM
-
-if TYPE_CHECKING:
-    from ember.engine.model_runner import PendingInputs
+from ember.sampling.sampler import argmax_rows
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,25 @@ class DecodeBatch:
     block_tables: list[list[int]]
 
 
+# Rows of `DecodeGraphs.packed`: one int64 buffer, so that one copy brings a step's per-row inputs.
+_IDS, _POSITIONS, _SLOTS, _GATHER, _TOKENS = range(5)
+_HOST_ROWS = 4  # the rows the host writes; the graph writes _TOKENS
+
+
+def gather_index(size: int, width: int, where: tuple[list[int], list[int]] | None) -> list[int]:
+    """Where each of `size` input rows takes its token in the flattened `packed` buffer (rows of `width`): its own
+    host-copied id, or, for rows[i] in `where` = (rows, src), the token the step before sampled at src[i]."""
+    index = list(range(size))
+    if where is not None:
+        for row, src in zip(*where, strict=True):
+            index[row] = _TOKENS * width + src
+    return index
+
+
 class DecodeGraphs:
-    """`with_logits=False` (tensor-parallel workers, which do not sample): the graphs end at the hidden states."""
+    """`with_logits=False` (tensor-parallel workers, which do not sample): the graphs end at the hidden states.
+
+    Without `capture()` (the CPU, in tests) `run` executes the same forward eagerly."""
 
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  attn: AttentionBackend, max_batch: int, max_blocks_per_seq: int, device: torch.device,
@@ -52,31 +71,45 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.packed = torch.zeros(5, n, dtype=torch.long, device=device)
+        self.positions, self.slot_mapping = self.packed[_POSITIONS], self.packed[_SLOTS]
+        self.tokens = self.packed[_TOKENS]  # the greedy tokens of the last replay, or tokens placed for the next
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         # Pinned staging buffers, allocated once: pinning memory per step costs more than the copy itself. Two
         # sets used in turn: with async scheduling the host fills step n+1's while step n's copies may still be
         # queued; step n-1's have completed (its tokens were read back).
-        self._staging = [(torch.zeros(4, n, dtype=torch.long).pin_memory(),
-                          torch.zeros(n, max_blocks_per_seq, dtype=torch.int32).pin_memory()) for _ in range(2)]
+        pin = device.type == "cuda"
+
+        def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.zeros(*shape, dtype=dtype)
+            return t.pin_memory() if pin else t
+
+        self._staging = [(host(_HOST_ROWS, n, dtype=torch.long), host(n, dtype=torch.int32),
+                          host(n, max_blocks_per_seq, dtype=torch.int32)) for _ in range(2)]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # logits, or hidden states without them
         self.capture_s = 0.0
 
-    def _meta(self, b: int) -> AttentionMetadata:
+    def _meta(self, b: int, seq_lens: list[int] | None) -> AttentionMetadata:
+        """`seq_lens`: the host's lengths, which the torch backend needs; captured graphs are replayed for any
+        lengths, and the Triton backend reads them on the device."""
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:b], query_start_loc=self.query_start_loc[:b + 1],
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b], max_query_len=1,
             max_seq_len=self.block_tables.shape[1] * self.kv_caches[0][0].shape[1],
-            query_lens_cpu=[1] * b, seq_lens_cpu=[1] * b)
+            query_lens_cpu=[1] * b, seq_lens_cpu=seq_lens or [1] * b)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:b], self.positions[:b], self.kv_caches, self._meta(b), self.attn)
-        return self.model.compute_logits(hidden) if self.with_logits else hidden
+    def _forward(self, b: int, seq_lens: list[int] | None = None) -> torch.Tensor:
+        input_ids = self.packed.view(-1).index_select(0, self.packed[_GATHER, :b])
+        hidden = self.model(input_ids, self.positions[:b], self.kv_caches, self._meta(b, seq_lens), self.attn)
+        if not self.with_logits:
+            return hidden
+        logits = self.model.compute_logits(hidden)
+        # Taken on every replay (a few µs at batch 1): a step that samples otherwise ignores it.
+        self.tokens[:b].copy_(argmax_rows(logits))
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -105,32 +138,52 @@ class DecodeGraphs:
                 return s
         return None
 
-    def run(self, batch: DecodeBatch, pending: PendingInputs | None = None) -> torch.Tensor:
-        """Replay the graph for this decode batch; returns logits [b, vocab] (or hidden states), a view of the
-        graph's output.
+    def _place_tokens(self, tokens: torch.Tensor, where: tuple[list[int], list[int]]
+                      ) -> tuple[list[int], list[int]]:
+        """Put the tokens that `where` takes into `self.tokens`, unless the last replay left them there; returns
+        `where` with its sources as indices into `self.tokens`."""
+        if tokens.data_ptr() == self.tokens.data_ptr():
+            return where
+        if tokens.numel() <= self.tokens.shape[0]:  # the step before ran eagerly, or sampled, or was broadcast
+            self.tokens[:tokens.numel()].copy_(tokens)
+            return where
+        rows, src = where  # more tokens than fit: only the ones needed
+        self.tokens[:len(src)].copy_(tokens[torch.tensor(src).to(tokens.device, non_blocking=True)])
+        return rows, list(range(len(src)))
 
-        `pending`: inputs still on the device (async scheduling), placed after the host's inputs are copied.
+    def run(self, batch: DecodeBatch, where: tuple[list[int], list[int]] | None = None,
+            tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph for this decode batch; returns logits [b, vocab] (or hidden states), a view of the
+        graph's output, and with logits leaves the rows' greedy tokens in `self.tokens[:b]`.
+
+        `where` = (rows, src): input rows whose token is still on the device (async scheduling), row rows[i]
+        taking `tokens[src[i]]`.
         """
         b, tables = len(batch.input_ids), batch.block_tables
         size = self.padded_size(b)
         assert size is not None
+        if where is not None:
+            assert tokens is not None, "input tokens still on the device, without the tensor that holds them"
+            where = self._place_tokens(tokens, where)
         width = max(len(t) for t in tables)
         self._staging.reverse()
-        host, host_bt = self._staging[0]
-        h, bt = host.numpy(), host_bt.numpy()
+        host, host_lens, host_bt = self._staging[0]
+        h, lens, bt = host.numpy(), host_lens.numpy(), host_bt.numpy()
         # Padding rows store nothing (slot -1) and attend to one token.
-        h[0, :b], h[1, :b], h[2, :b], h[3, :b] = batch.input_ids, batch.positions, batch.slots, batch.seq_lens
-        h[0, b:size], h[1, b:size], h[2, b:size], h[3, b:size] = 0, 0, -1, 1
+        h[_IDS, :b], h[_POSITIONS, :b], h[_SLOTS, :b] = batch.input_ids, batch.positions, batch.slots
+        h[_IDS, b:size], h[_POSITIONS, b:size], h[_SLOTS, b:size] = 0, 0, -1
+        h[_GATHER, :size] = gather_index(size, self.packed.shape[1], where)
+        lens[:b], lens[b:size] = batch.seq_lens, 1
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
         # Copies, never kernels: attention may read the lengths and block tables before its PDL wait
-        # (`ember.kernels.pdl`).
-        self.input_ids[:size].copy_(host[0, :size], non_blocking=True)
-        self.positions[:size].copy_(host[1, :size], non_blocking=True)
-        self.slot_mapping[:size].copy_(host[2, :size], non_blocking=True)
-        self.seq_lens[:size].copy_(host[3, :size], non_blocking=True)
+        # (`ember.kernels.pdl`). The host's rows of `packed` go whole, in one copy (a few KB).
+        self.packed[:_HOST_ROWS].copy_(host, non_blocking=True)
+        self.seq_lens[:size].copy_(host_lens[:size], non_blocking=True)
         self.block_tables[:b, :width].copy_(host_bt[:b, :width], non_blocking=True)
-        if pending is not None:
-            pending.apply(self.input_ids)
-        self.graphs[size].replay()
+        graph = self.graphs.get(size)
+        if graph is not None:
+            graph.replay()
+        else:
+            self.outputs[size] = self._forward(size, list(batch.seq_lens) + [1] * (size - b))
         return self.outputs[size][:b]

@@ -12,7 +12,14 @@ from ember.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from ember.engine.scheduler import ScheduledSeq, SchedulerOutput
 from ember.engine.sequence import Sequence
 from ember.model.llama import LlamaForCausalLM
-from ember.sampling.sampler import LogprobRow, Sampler, SamplerOutput, SamplingBatch, logprob_rows
+from ember.sampling.sampler import (
+    LogprobRow,
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    argmax_suffices,
+    logprob_rows,
+)
 
 
 @dataclass
@@ -88,10 +95,8 @@ class PendingInputs:
     src: torch.Tensor
 
     @classmethod
-    def on_device(cls, tokens: torch.Tensor, where: tuple[list[int], list[int]] | None,
-                  device: torch.device) -> PendingInputs | None:
-        if where is None:
-            return None
+    def on_device(cls, tokens: torch.Tensor, where: tuple[list[int], list[int]], device: torch.device
+                  ) -> PendingInputs:
         return cls(tokens, _to_device(where[0], torch.long, device), _to_device(where[1], torch.long, device))
 
     @staticmethod
@@ -159,20 +164,22 @@ class ModelRunner:
                 share_tokens: bool = False) -> StepInputs:
         """`share_tokens`: the sampled tokens will be broadcast to the workers (async scheduling)."""
         batch, sample_seqs, prompt_lp = self._pack(sched)
-        pending = self._start(batch, sched.scheduled, prev, len(sample_seqs) if share_tokens else 0)
+        where = self._start(batch, sched.scheduled, prev, len(sample_seqs) if share_tokens else 0)
         inp = self.device_inputs(batch)
-        if pending is not None:
-            pending.apply(inp.input_ids)
+        if where is not None:
+            assert prev is not None
+            PendingInputs.on_device(prev.tokens, where, self.device).apply(inp.input_ids)
         inp.sample_seqs, inp.prompt_lp = sample_seqs, prompt_lp
         return inp
 
     def _start(self, batch: HostBatch | DecodeBatch, items: list[ScheduledSeq], prev: InflightStep | None,
-               shared_tokens: int) -> PendingInputs | None:
-        """Send the workers this step, if there are any; returns the step's inputs still on the device (sampled
-        by `prev`, not read back), which the caller places after the host's."""
+               shared_tokens: int) -> tuple[list[int], list[int]] | None:
+        """Send the workers this step, if there are any; returns where the step's inputs still on the device
+        (sampled by `prev`, not read back) go, (rows, src) as `PendingInputs.locate` finds them, which the caller
+        places after the host's."""
         where = PendingInputs.locate(items, prev)
         self._send_to_workers(batch, where, shared_tokens, prev)
-        return None if prev is None else PendingInputs.on_device(prev.tokens, where, self.device)
+        return where
 
     def _send_to_workers(self, batch: HostBatch | DecodeBatch, where: tuple[list[int], list[int]] | None,
                          shared_tokens: int, prev: InflightStep | None) -> None:
@@ -244,14 +251,14 @@ class ModelRunner:
         tokens = self._shared_tokens
         if step.pending is not None:
             assert tokens is not None, "an input token the driver never shared"
-        pending = None if tokens is None else PendingInputs.on_device(tokens, step.pending, self.device)
         if isinstance(step.batch, DecodeBatch):
             assert self.graphs is not None, "the driver replays a decode graph this worker did not capture"
-            self.graphs.run(step.batch, pending)
+            self.graphs.run(step.batch, step.pending, tokens)
         else:
             inp = self.device_inputs(step.batch)
-            if pending is not None:
-                pending.apply(inp.input_ids)
+            if step.pending is not None:
+                assert tokens is not None
+                PendingInputs.on_device(tokens, step.pending, self.device).apply(inp.input_ids)
             self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta, self.attn)
         if step.shared_tokens:
             received = torch.empty(step.shared_tokens, dtype=torch.long, device=self.device)
@@ -286,7 +293,8 @@ class ModelRunner:
         batch = DecodeBatch([s.token_ids[p] if p < len(s.token_ids) else 0 for s, p in zip(seqs, pos, strict=True)],
                             pos, [cache_slot(s.block_table, p, bs) for s, p in zip(seqs, pos, strict=True)],
                             [p + 1 for p in pos], [s.block_table for s in seqs])
-        return g.run(batch, self._start(batch, items, prev, len(seqs) if share_tokens else 0))
+        where = self._start(batch, items, prev, len(seqs) if share_tokens else 0)
+        return g.run(batch, where, None if prev is None else prev.tokens)
 
     def _host_buffer(self, n: int) -> torch.Tensor:
         """Where a step's tokens land on the host: two pinned buffers in turn (at most one step is in flight
@@ -307,7 +315,8 @@ class ModelRunner:
         whose sampling rows need no host-side state of the newest token: no grammar, penalties, min_tokens or
         logprobs; the engine checks.)"""
         logits = self._graph_logits(sched, prev, share_tokens=True)
-        if logits is not None:
+        graphed = logits is not None
+        if graphed:
             seqs = [i.seq for i in sched.scheduled]
         else:
             inp = self.prepare(sched, prev, share_tokens=True)
@@ -320,8 +329,13 @@ class ModelRunner:
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
         else:
             try:
-                # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
-                tokens = self.sampler.sample(logits, SamplingBatch.build(seqs, self.vocab_size, logits.device))
+                batch = SamplingBatch.build(seqs, self.vocab_size, logits.device)
+                if graphed and argmax_suffices(batch):
+                    assert self.graphs is not None
+                    tokens = self.graphs.tokens[:len(seqs)]  # the graph took them
+                else:
+                    # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
+                    tokens = self.sampler.sample(logits, batch)
             except BaseException:
                 # The workers wait for this step's tokens: without them, the next collective would pair with
                 # that wait. Nobody reads these zeros (the step failed, its sequences did not advance), but they
@@ -331,8 +345,8 @@ class ModelRunner:
                     self._resend_tokens = True
                 raise
             self.tp.broadcast(tokens)  # the workers' copy, for the next step's inputs
-        if self.device.type != "cuda":
-            return InflightStep(seqs, tokens, tokens, None)
+        if self.device.type != "cuda":  # a copy: the graphs' `tokens` (CPU tests) change on the next step
+            return InflightStep(seqs, tokens, tokens.clone(), None)
         host = self._host_buffer(len(seqs))
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()

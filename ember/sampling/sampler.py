@@ -84,6 +84,20 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence], eos_toke
             _apply_penalties(logits[i], seq, vocab)
 
 
+def argmax_suffices(batch: SamplingBatch) -> bool:
+    """Whether `Sampler.sample` would return the plain argmax of these rows' logits: all greedy, no logprobs,
+    and nothing that edits logits first (logit_bias, a pending min_tokens, penalties, a grammar)."""
+    if not batch.all_greedy or batch.max_logprobs >= 0:
+        return False
+    for seq in batch.seqs:
+        p = seq.params
+        if seq.grammar is not None or p.logit_bias or (p.min_tokens and seq.num_output_tokens < p.min_tokens):
+            return False
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            return False
+    return True
+
+
 def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:
     p = seq.params
     out_ids = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)

@@ -136,6 +136,39 @@ def test_async_matches_sync(make_llm, prompts, engine_kw):
     _assert_no_leak(llm)
 
 
+@pytest.mark.parametrize("max_batch", [4, 16])
+def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prompts, max_batch):
+    """The decode graphs' forward, run uncaptured on the CPU (the one the GPU captures): its input tokens
+    gathered on the device from wherever the step before left them, its greedy tokens taken inside it. The
+    outputs equal the synchronous engine's without graphs. With 4 rows a graph, the steps of more decodes run
+    eagerly, and the graph step after one takes its inputs from that step's larger token tensor."""
+    from ember.engine.cuda_graphs import DecodeGraphs
+
+    expected = _summary(make_llm(async_scheduling=False).generate(prompts, _mixed_params()))
+    llm = make_llm(async_scheduling=True)
+    eng, runner = llm.engine, llm.engine.runner
+    graphs = runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attn, max_batch,
+                                          -(-eng.max_model_len // eng.block_size), runner.device)
+    sources: list[str] = []
+    run = graphs.run
+
+    def spied(batch, where=None, tokens=None):
+        if where is None:
+            sources.append("host")
+        elif tokens.data_ptr() == graphs.tokens.data_ptr():
+            sources.append("graph")
+        else:
+            sources.append("copied" if tokens.numel() <= graphs.max_batch else "gathered")
+        return run(batch, where, tokens)
+
+    graphs.run = spied  # type: ignore[method-assign]
+    assert _summary(llm.generate(prompts, _mixed_params())) == expected
+    assert {"graph", "copied"} <= set(sources)  # greedy steps after graph steps; sampled or eager ones before
+    if max_batch == 4:
+        assert "gathered" in sources
+    _assert_no_leak(llm)
+
+
 @dataclass
 class Stream:
     """What a client streaming one sequence saw: the token ids and text so far after each non-empty increment."""

@@ -12,6 +12,7 @@ from ember.sampling.sampler import (
     _top_k_top_p_min_p,
     apply_logits_processors,
     argmax_rows,
+    argmax_suffices,
 )
 from ember.sampling_params import SamplingParams
 
@@ -149,3 +150,33 @@ def test_wide_vocabulary_sampling_keeps_the_mask_and_the_distribution():
     assert set(tokens.tolist()) <= set(top.tolist())
     freq = torch.stack([(tokens == t).float().mean() for t in top])
     assert torch.allclose(freq, expected, atol=0.03)
+
+
+@pytest.mark.parametrize(("params", "edits"), [
+    (SamplingParams(temperature=0), False),
+    (SamplingParams(temperature=0, min_tokens=2), False),  # already has 2 output tokens
+    (SamplingParams(temperature=0, logit_bias={3: 5.0}), True),
+    (SamplingParams(temperature=0, min_tokens=5), True),
+    (SamplingParams(temperature=0, repetition_penalty=1.5), True),
+    (SamplingParams(temperature=0, presence_penalty=0.5), True),
+    (SamplingParams(temperature=0, frequency_penalty=0.5), True),
+])
+def test_argmax_suffices_exactly_when_no_processor_edits_the_logits(params, edits):
+    """The decode graphs' own argmax stands in for the sampler only when the sampler would take it too."""
+    seq = make_seq(params, prompt=(3, 4), output=(1, 2))
+    logits = torch.arange(V, dtype=torch.float32).flip(0).unsqueeze(0) / 4
+    before = logits.clone()
+    apply_logits_processors(logits, [seq], {EOS})
+    assert (not torch.equal(logits, before)) == edits
+    assert argmax_suffices(SamplingBatch.build([seq], V, torch.device("cpu"))) == (not edits)
+
+
+def test_argmax_does_not_suffice_for_sampled_rows_logprobs_or_a_grammar():
+    greedy = make_seq(SamplingParams(temperature=0))
+    for other in (make_seq(SamplingParams(temperature=0.7)), make_seq(SamplingParams(temperature=0, logprobs=1))):
+        assert not argmax_suffices(SamplingBatch.build([greedy, other], V, torch.device("cpu")))
+    constrained = make_seq(SamplingParams(temperature=0))
+    constrained.grammar = object()  # type: ignore[assignment]  # any matcher: a mask edits the logits
+    assert not argmax_suffices(SamplingBatch.build([greedy, constrained], V, torch.device("cpu")))
+    assert argmax_suffices(SamplingBatch.build([greedy, make_seq(SamplingParams(temperature=0))], V,
+                                               torch.device("cpu")))
