@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from ember.bench.offline import random_prompts
-from ember.bench.profiling import kernel_family, kernel_times
+from ember.bench.profiling import idle_gaps, kernel_family, kernel_times
 from ember.bench.roofline import measure_bandwidth, model_weight_bytes
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
@@ -84,6 +84,7 @@ def main() -> None:
         for _ in range(args.steps):
             eng.step()
         torch.cuda.synchronize()
+    span_us, idle_us, gaps = idle_gaps(prof.events())
     outside: dict[str, list[float]] = {}
     step_busy_us = 0.0
     for name, (dev_us, count) in kernel_times(prof).items():
@@ -103,6 +104,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),
         "engine_step_ms": round(step_ms, 3), "gpu_busy_us_per_engine_step": round(step_busy_us, 1),
+        # Engine steps under the profiler: the device idle between its operations, and the largest such gaps.
+        "gpu_idle_us_per_engine_step": round(idle_us / args.steps, 1),
+        "profiled_engine_step_us": round(span_us / args.steps, 1),
+        "largest_idle_gaps_us": [(round(us, 1), before[:60], after[:60]) for us, before, after in gaps],
         "outside_graph_us_calls_per_step": outside, "families_us": {k: round(v, 1) for k, v in sorted(
             per_fam.items(), key=lambda kv: -kv[1])},
         "copy_bandwidth_GBps": round(copy_bw / 1e9, 1), "weight_bytes": wbytes,

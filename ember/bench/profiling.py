@@ -36,6 +36,26 @@ def kernel_times(prof) -> dict[str, tuple[float, int]]:  # noqa: ANN001 - a torc
     return out
 
 
+def idle_gaps(events: list, top: int = 5) -> tuple[float, float, list[tuple[float, str, str]]]:  # noqa: ANN001
+    """From a profile's events (`prof.events()`): the device's span and idle microseconds (no kernel or copy
+    running, between the first start and the last end), and the `top` largest idle gaps as (us, the name
+    before, the name after)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start)
+    if not spans:
+        return 0.0, 0.0, []
+    idle, gaps = 0.0, []
+    end, last = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start > end:
+            idle += start - end
+            gaps.append((start - end, last, name))
+        if stop > end:
+            end, last = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return end - spans[0][0], idle, gaps[:top]
+
+
 def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of one call of `fn`, run once first on a side stream (Triton compiles, the allocator settles)
     so that the capture records only launches."""
