@@ -4,10 +4,11 @@ At batch 1 an 8B forward is ~600 kernel launches; from Python each costs ~10 us,
 graph is captured for a set of batch sizes; a step of b decodes runs the smallest captured size >= b, with
 the padding rows pointed at no cache slot (slot -1: nothing stored) and a context of one token.
 
-What runs between two replays is kept to three input copies and the tokens' read-back, because at batch 1
-each small operation there costs the step ~3-4 us (bench/profile_decode.py, tenth session). So the graph also
-takes the greedy tokens (the argmax of its logits, into `tokens`) and gathers its own input tokens: each row's
-either from the host's copy or from `tokens`, where the step before left its sampled tokens (async scheduling).
+What runs between two replays is kept to three input copies and the tokens' read-back (plus a copy of the step
+before's sampled tokens when they are not already where the graph reads them), because at batch 1 each small
+operation there costs the step ~3-4 us (bench/profile_decode.py, tenth session). So the graph also takes the
+greedy tokens (the argmax of its logits, into `tokens`) and gathers its own input tokens: each row's either from
+the host's copy or from `tokens`, where the step before left its sampled tokens (async scheduling).
 """
 
 from __future__ import annotations

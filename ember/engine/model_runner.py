@@ -313,7 +313,24 @@ class ModelRunner:
         that sample produce tokens. Inputs that `prev` sampled are read from its device tensor. Pure decodes
         replay a CUDA graph when one fits, anything else runs eagerly. (Only for steps without prompt logprobs
         whose sampling rows need no host-side state of the newest token: no grammar, penalties, min_tokens or
-        logprobs; the engine checks.)"""
+        logprobs; the engine checks.) A step that fails leaves `prev` as it found it, for the engine to retry."""
+        try:
+            return self._launch(sched, prev)
+        except BaseException:
+            self._restore_tokens(prev)
+            raise
+
+    def _restore_tokens(self, prev: InflightStep | None) -> None:
+        """A greedy graph step leaves its tokens in the graphs' `tokens`, which the next replay overwrites with
+        its own: if that next step then failed, put `prev`'s back from their read-back."""
+        g = self.graphs
+        if prev is None or g is None or prev.tokens.data_ptr() != g.tokens.data_ptr():
+            return
+        if prev.event is not None:
+            prev.event.synchronize()
+        g.tokens[:prev.tokens.numel()].copy_(prev.host)
+
+    def _launch(self, sched: SchedulerOutput, prev: InflightStep | None) -> InflightStep:
         logits = self._graph_logits(sched, prev, share_tokens=True)
         graphed = logits is not None
         if graphed:

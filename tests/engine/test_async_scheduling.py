@@ -169,6 +169,42 @@ def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prom
     _assert_no_leak(llm)
 
 
+def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(make_llm, prompts, monkeypatch):
+    """A greedy graph step's tokens stay in the graphs' buffer until the next replay overwrites them. If the step
+    after fails once it has replayed (here: just after its replay), the engine retries it from the same step
+    before, whose tokens must then still be its own: the outputs equal the synchronous engine's."""
+    from ember.engine import model_runner
+    from ember.engine.cuda_graphs import DecodeGraphs
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = _summary(make_llm(async_scheduling=False).generate(prompts[:3], params))
+    eng = make_llm(async_scheduling=True).engine
+    runner = eng.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attn, 4,
+                                 -(-eng.max_model_len // eng.block_size), runner.device)
+    real, calls = model_runner.argmax_suffices, []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) == 4:  # a graph step queued after greedy graph steps
+            raise RuntimeError("failed after the replay")
+        return real(batch)
+
+    monkeypatch.setattr(model_runner, "argmax_suffices", flaky)
+    for i, p in enumerate(prompts[:3]):
+        eng.add_request(f"r{i}", p, None, params.clone())
+    finished = {}
+
+    def run() -> None:
+        while eng.has_unfinished_requests():
+            finished.update({o.request_id: o for o in eng.step() if o.finished})
+
+    with pytest.raises(RuntimeError, match="failed after the replay"):
+        run()
+    run()
+    assert _summary([finished[f"r{i}"] for i in range(3)]) == expected
+
+
 @dataclass
 class Stream:
     """What a client streaming one sequence saw: the token ids and text so far after each non-empty increment."""
