@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd import DeviceType
 
 # First match wins: the names are cuBLAS's (nvjet, cutlass, ...), torch's, and ember's Triton kernels.
 FAMILIES = [("gemm", ("gemm", "nvjet", "gemv", "cutlass", "sm90_xmma", "splitk")),
@@ -41,7 +42,7 @@ def idle_gaps(events: list, top: int = 5) -> tuple[float, float, list[tuple[floa
     running, between the first start and the last end), and the `top` largest idle gaps as (us, the name
     before, the name after)."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
-                   if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start)
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
     if not spans:
         return 0.0, 0.0, []
     idle, gaps = 0.0, []

@@ -362,8 +362,8 @@ class ModelRunner:
                     self._resend_tokens = True
                 raise
             self.tp.broadcast(tokens)  # the workers' copy, for the next step's inputs
-        if self.device.type != "cuda":  # a copy: the graphs' `tokens` (CPU tests) change on the next step
-            return InflightStep(seqs, tokens, tokens.clone(), None)
+        if self.device.type != "cuda":  # graphed (CPU tests): a copy, the graphs' `tokens` change on the next step
+            return InflightStep(seqs, tokens, tokens.clone() if graphed else tokens, None)
         host = self._host_buffer(len(seqs))
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()

@@ -136,18 +136,23 @@ def test_async_matches_sync(make_llm, prompts, engine_kw):
     _assert_no_leak(llm)
 
 
+def _uncaptured_graphs(eng, max_batch: int):
+    """Decode graphs for `eng`'s runner that `run` executes eagerly (no capture: the CPU)."""
+    from ember.engine.cuda_graphs import DecodeGraphs
+
+    runner = eng.runner
+    return DecodeGraphs(runner.model, runner.kv_caches, runner.attn, max_batch,
+                        -(-eng.max_model_len // eng.block_size), runner.device)
+
+
 def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prompts):
     """The decode graphs' forward, run uncaptured on the CPU (the one the GPU captures): its input tokens
     gathered on the device from wherever the step before left them, its greedy tokens taken inside it. The
     outputs equal the synchronous engine's without graphs. With 4 rows a graph, the steps of more decodes run
     eagerly, and the graph step after one takes its inputs from that step's larger token tensor."""
-    from ember.engine.cuda_graphs import DecodeGraphs
-
     expected = _summary(make_llm(async_scheduling=False).generate(prompts, _mixed_params()))
     llm = make_llm(async_scheduling=True)
-    eng, runner = llm.engine, llm.engine.runner
-    graphs = runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attn, 4,
-                                          -(-eng.max_model_len // eng.block_size), runner.device)
+    graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4)
     sources: list[str] = []
     run = graphs.run
 
@@ -172,14 +177,11 @@ def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(mak
     after fails once it has replayed (here: just after its replay), the engine retries it from the same step
     before, whose tokens must then still be its own: the outputs equal the synchronous engine's."""
     from ember.engine import model_runner
-    from ember.engine.cuda_graphs import DecodeGraphs
 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     expected = _summary(make_llm(async_scheduling=False).generate(prompts[:3], params))
     eng = make_llm(async_scheduling=True).engine
-    runner = eng.runner
-    runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, runner.attn, 4,
-                                 -(-eng.max_model_len // eng.block_size), runner.device)
+    eng.runner.graphs = _uncaptured_graphs(eng, max_batch=4)
     real, calls = model_runner.argmax_suffices, []
 
     def flaky(batch):
