@@ -81,6 +81,7 @@ def portable_error(e: BaseException) -> BaseException:
 def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connection, log_level: int) -> None:
     """The engine process's main: load, report ready (or why not), then serve commands until "shutdown" or
     until the client's end of the pipe closes (the client process is gone)."""
+    from ember.engine.heap import freeze_startup_heap
     from ember.engine.llm_engine import LLMEngine
     from ember.engine.workers import exit_with_parent
     from ember.server.faults import install_from_env
@@ -99,6 +100,7 @@ def run_engine_core(config: EngineConfig, commands: Connection, outputs: Connect
         log.exception("the engine failed to load")
         outputs.send(("failed", portable_error(e)))
         sys.exit(1)
+    freeze_startup_heap()
     outputs.send(("ready", EngineInfo(engine.model_name, engine.max_model_len, engine.arch.vocab_size,
                                       engine.tokenizer, engine.stats())))
     try:

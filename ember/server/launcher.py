@@ -22,6 +22,7 @@ from typing import Any
 import uvicorn
 
 from ember.config import EngineConfig
+from ember.engine.heap import freeze_startup_heap
 from ember.server.app import attach_engine, build_app
 from ember.server.config import ServerConfig
 
@@ -219,6 +220,7 @@ class EmberServer:
                 return 1
             attach_engine(self.app, engine)
             self.engine = engine
+            freeze_startup_heap()  # this process's too, where the engine runs in another
             names = ", ".join(cfg.served_model_names or [engine.model_name])
             logger.info("ember ready in %.1f s: serving %s at %s/v1 (docs: %s/docs)",
                         time.monotonic() - started, names, self.url, self.url)
