@@ -4,16 +4,21 @@ At batch 1 an 8B forward is ~600 kernel launches; from Python each costs ~10 us,
 graph is captured for a set of batch sizes; a step of b decodes runs the smallest captured size >= b, with
 the padding rows pointed at no cache slot (slot -1: nothing stored) and a context of one token.
 
-What runs between two replays is kept to three input copies and the tokens' read-back (plus a copy of the step
-before's sampled tokens when they are not already where the graph reads them), because at batch 1 each small
-operation there costs the step ~3-4 us (bench/profile_decode.py, tenth session). So the graph also takes the
-greedy tokens (the argmax of its logits, into `tokens`) and gathers its own input tokens: each row's either from
-the host's copy or from `tokens`, where the step before left its sampled tokens (async scheduling).
+What runs between two replays is kept small, because at batch 1 each small operation there costs the step ~3-4 us
+(bench/profile_decode.py, tenth session). So the graph takes the greedy tokens (the argmax of its logits, into
+`tokens`) and gathers its own input tokens: each row's either from the host's copy or from `tokens`, where the step
+before left its sampled tokens (async scheduling). Up to `COPIES_IN_GRAPH_MAX_BATCH` rows (opt-in), where a step
+is shortest and those operations weigh most, the graph also holds the copies of its per-row inputs and lengths from
+pinned host memory and the greedy tokens' read-back into pinned memory: two graphs for each such batch size, one per
+set of host buffers, used in turn (the host fills one set while the other's step may still be queued). What stays
+outside is the block tables' copy, whose width varies (plus a copy of the step before's sampled tokens when they
+are not already where the graph reads them).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,6 +29,10 @@ from ember.model.llama import LlamaForCausalLM
 from ember.sampling.sampler import argmax_rows
 
 logger = logging.getLogger(__name__)
+
+# The largest batch whose graphs hold their copies (each such size captures two graphs). Off by default (0: the input
+# copies and the tokens' read-back run as stream operations between replays) until measured on a GPU; e.g. 8.
+COPIES_IN_GRAPH_MAX_BATCH = int(os.environ.get("EMBER_GRAPH_COPIES_MAX_BATCH", "0"))
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -89,8 +98,17 @@ class DecodeGraphs:
 
         self._staging = [(host(_HOST_ROWS, n, dtype=torch.long), host(n, dtype=torch.int32),
                           host(n, max_blocks_per_seq, dtype=torch.int32)) for _ in range(2)]
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._host_tokens = [host(n, dtype=torch.long) for _ in range(2)]
+        self.turn = 1  # the staging set the last run filled
+        # The sizes whose graphs hold their copies (none uncaptured: the CPU).
+        self.holds_copies = {s for s in self.sizes if s <= COPIES_IN_GRAPH_MAX_BATCH} if pin else set()
+        # The replay's greedy tokens on the host, once it has run: the graph copied them there itself. None when
+        # the last run did not (its graph holds no copies, or it has no logits).
+        self.host_tokens: torch.Tensor | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # the graphs of staging set 0 (or of both)
+        self._twins: dict[int, torch.cuda.CUDAGraph] = {}  # of staging set 1, when the graphs hold the copies
         self.outputs: dict[int, torch.Tensor] = {}  # logits, or hidden states without them
+        self._twin_outputs: dict[int, torch.Tensor] = {}  # the twins' (each graph writes its own)
         self.capture_s = 0.0
 
     def _meta(self, b: int, seq_lens: list[int] | None) -> AttentionMetadata:
@@ -101,6 +119,21 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:b], block_tables=self.block_tables[:b], max_query_len=1,
             max_seq_len=self.block_tables.shape[1] * self.kv_caches[0][0].shape[1],
             query_lens_cpu=[1] * b, seq_lens_cpu=seq_lens or [1] * b)
+
+    def _copy_inputs(self, turn: int, size: int) -> None:
+        """The host's rows of `packed` and the lengths, from staging set `turn`. Copies, never kernels: attention may
+        read the lengths and block tables before its PDL wait (`ember.kernels.pdl`)."""
+        host, host_lens, _ = self._staging[turn]
+        self.packed[:_HOST_ROWS].copy_(host, non_blocking=True)
+        self.seq_lens[:size].copy_(host_lens[:size], non_blocking=True)
+
+    def _step_with_copies(self, turn: int, size: int, seq_lens: list[int] | None = None) -> torch.Tensor:
+        """What a graph holding its copies records: inputs in, the forward, the greedy tokens out."""
+        self._copy_inputs(turn, size)
+        out = self._forward(size, seq_lens)
+        if self.with_logits:
+            self._host_tokens[turn][:size].copy_(self.tokens[:size], non_blocking=True)
+        return out
 
     def _forward(self, b: int, seq_lens: list[int] | None = None) -> torch.Tensor:
         input_ids = self.packed.view(-1).index_select(0, self.packed[_GATHER, :b])
@@ -124,6 +157,19 @@ class DecodeGraphs:
             for b in reversed(self.sizes):
                 for _ in range(2):  # compile Triton kernels and settle allocations outside the capture
                     self._forward(b)
+                if b in self.holds_copies:
+                    try:
+                        for turn in (0, 1):
+                            g = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(g, pool=pool, stream=stream):
+                                self.outputs_of(turn, b)[b] = self._step_with_copies(turn, b)
+                            (self._twins if turn else self.graphs)[b] = g
+                        continue
+                    except RuntimeError as e:  # a torch that cannot capture host copies: keep them outside
+                        logger.warning("decode graphs of %d rows keep their copies outside: %s", b, e)
+                        self.holds_copies.discard(b)
+                        self._twins.pop(b, None)
+                        self._twin_outputs.pop(b, None)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=stream):
                     self.outputs[b] = self._forward(b)
@@ -131,8 +177,9 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t
-        logger.info("captured CUDA graphs for %d decode batch sizes (up to %d) in %.1f s", len(self.sizes),
-                    self.max_batch, self.capture_s)
+        twins = f"; two each up to {max(self.holds_copies)}, holding their copies" if self.holds_copies else ""
+        logger.info("captured CUDA graphs for %d decode batch sizes (up to %d%s) in %.1f s", len(self.sizes),
+                    self.max_batch, twins, self.capture_s)
 
     def padded_size(self, b: int) -> int | None:
         for s in self.sizes:
@@ -153,6 +200,18 @@ class DecodeGraphs:
         self.tokens[:len(src)].copy_(tokens[torch.tensor(src).to(tokens.device, non_blocking=True)])
         return rows, list(range(len(src)))
 
+    def outputs_of(self, turn: int, size: int) -> dict[int, torch.Tensor]:
+        """Where the graph of staging set `turn` for `size` rows leaves its outputs."""
+        return self._twin_outputs if turn and size in self.holds_copies else self.outputs
+
+    def rewind(self, turn: int) -> None:
+        """After a step that failed once its run had begun: wait for what it queued, then hand its staging set to
+        the next run (`turn` is the `turn` before it). The other set belongs to the step still in flight, whose
+        tokens a graph holding its copies has yet to leave on the host."""
+        if self.packed.device.type == "cuda":
+            torch.cuda.current_stream(self.packed.device).synchronize()
+        self.turn = turn
+
     def run(self, batch: DecodeBatch, where: tuple[list[int], list[int]] | None = None,
             tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay the graph for this decode batch; returns logits [b, vocab] (or hidden states), a view of the
@@ -168,8 +227,8 @@ class DecodeGraphs:
             assert tokens is not None, "input tokens still on the device, without the tensor that holds them"
             where = self._place_tokens(tokens, where)
         width = max(len(t) for t in tables)
-        self._staging.reverse()
-        host, host_lens, host_bt = self._staging[0]
+        turn = self.turn = 1 - self.turn
+        host, host_lens, host_bt = self._staging[turn]
         h, lens, bt = host.numpy(), host_lens.numpy(), host_bt.numpy()
         # Padding rows store nothing (slot -1) and attend to one token.
         h[_IDS, :b], h[_POSITIONS, :b], h[_SLOTS, :b] = batch.input_ids, batch.positions, batch.slots
@@ -178,14 +237,20 @@ class DecodeGraphs:
         lens[:b], lens[b:size] = batch.seq_lens, 1
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
-        # Copies, never kernels: attention may read the lengths and block tables before its PDL wait
-        # (`ember.kernels.pdl`). The host's rows of `packed` go whole, in one copy (a few KB).
-        self.packed[:_HOST_ROWS].copy_(host, non_blocking=True)
-        self.seq_lens[:size].copy_(host_lens[:size], non_blocking=True)
+        # A copy, never a kernel (see _copy_inputs); only the columns in use.
         self.block_tables[:b, :width].copy_(host_bt[:b, :width], non_blocking=True)
-        graph = self.graphs.get(size)
-        if graph is not None:
+        self.host_tokens = None
+        inside = size in self.holds_copies
+        graph = (self._twins if turn and inside else self.graphs).get(size)
+        outputs = self.outputs_of(turn, size)
+        if graph is None:
+            self._copy_inputs(turn, size)
+            outputs[size] = self._forward(size, list(batch.seq_lens) + [1] * (size - b))
+        elif inside:
             graph.replay()
+            if self.with_logits:
+                self.host_tokens = self._host_tokens[turn][:b]
         else:
-            self.outputs[size] = self._forward(size, list(batch.seq_lens) + [1] * (size - b))
-        return self.outputs[size][:b]
+            self._copy_inputs(turn, size)
+            graph.replay()
+        return outputs[size][:b]

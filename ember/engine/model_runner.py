@@ -314,9 +314,13 @@ class ModelRunner:
         replay a CUDA graph when one fits, anything else runs eagerly. (Only for steps without prompt logprobs
         whose sampling rows need no host-side state of the newest token: no grammar, penalties, min_tokens or
         logprobs; the engine checks.) A step that fails leaves `prev` as it found it, for the engine to retry."""
+        g = self.graphs
+        turn = g.turn if g is not None else 0
         try:
             return self._launch(sched, prev)
         except BaseException:
+            if g is not None:
+                g.rewind(turn)
             self._restore_tokens(prev)
             raise
 
@@ -342,6 +346,7 @@ class ModelRunner:
             seqs = inp.sample_seqs
             if seqs:
                 logits = self.model.compute_logits(hidden.index_select(0, inp.logits_indices))
+        from_graph = False  # the graph copied its greedy tokens to the host itself
         if logits is None:  # mid-prompt chunks only
             tokens = torch.empty(0, dtype=torch.long, device=self.device)
         else:
@@ -350,6 +355,7 @@ class ModelRunner:
                 if graphed and argmax_suffices(batch):
                     assert self.graphs is not None
                     tokens = self.graphs.tokens[:len(seqs)]  # the graph took them
+                    from_graph = self.graphs.host_tokens is not None
                 else:
                     # The sampler may edit the graph's output buffer in place: the next replay rewrites all of it.
                     tokens = self.sampler.sample(logits, batch)
@@ -362,10 +368,16 @@ class ModelRunner:
                     self._resend_tokens = True
                 raise
             self.tp.broadcast(tokens)  # the workers' copy, for the next step's inputs
-        if self.device.type != "cuda":  # graphed (CPU tests): a copy, the graphs' `tokens` change on the next step
+        if from_graph:
+            assert self.graphs is not None and self.graphs.host_tokens is not None
+            host = self.graphs.host_tokens
+        elif self.device.type != "cuda":  # graphed (CPU tests): a copy, the graphs' `tokens` change on the next step
             return InflightStep(seqs, tokens, tokens.clone() if graphed else tokens, None)
-        host = self._host_buffer(len(seqs))
-        host.copy_(tokens, non_blocking=True)
+        else:
+            host = self._host_buffer(len(seqs))
+            host.copy_(tokens, non_blocking=True)
+        if self.device.type != "cuda":
+            return InflightStep(seqs, tokens, host, None)
         event = torch.cuda.Event()
         event.record()
         return InflightStep(seqs, tokens, host, event)

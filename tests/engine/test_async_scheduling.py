@@ -136,24 +136,46 @@ def test_async_matches_sync(make_llm, prompts, engine_kw):
     _assert_no_leak(llm)
 
 
-def _uncaptured_graphs(eng, max_batch: int):
-    """Decode graphs for `eng`'s runner that `run` executes eagerly (no capture: the CPU)."""
+class _EagerGraph:
+    """Stands in for a captured graph that holds its copies: `replay` runs what the capture records, reading the
+    lengths (which the CPU's attention needs on the host) from the same staging set as the copies."""
+
+    def __init__(self, graphs, turn: int, size: int) -> None:
+        self.graphs, self.turn, self.size = graphs, turn, size
+
+    def replay(self) -> None:
+        g = self.graphs
+        lens = g._staging[self.turn][1][:self.size].tolist()
+        g.outputs_of(self.turn, self.size)[self.size] = g._step_with_copies(self.turn, self.size, lens)
+
+
+def _uncaptured_graphs(eng, max_batch: int, copies_in_graph: bool = False):
+    """Decode graphs for `eng`'s runner that `run` executes eagerly (no capture: the CPU); with `copies_in_graph`,
+    two stand-in graphs for each small size that hold their copies and the greedy tokens' read-back, as on a GPU."""
     from ember.engine.cuda_graphs import DecodeGraphs
 
     runner = eng.runner
-    return DecodeGraphs(runner.model, runner.kv_caches, runner.attn, max_batch,
-                        -(-eng.max_model_len // eng.block_size), runner.device)
+    g = DecodeGraphs(runner.model, runner.kv_caches, runner.attn, max_batch,
+                     -(-eng.max_model_len // eng.block_size), runner.device)
+    if copies_in_graph:  # up to 2 rows (4 rows: an uncaptured graph, that does not)
+        g.holds_copies = {s for s in g.sizes if s <= 2}
+        for b in g.holds_copies:
+            g.graphs[b], g._twins[b] = _EagerGraph(g, 0, b), _EagerGraph(g, 1, b)
+    return g
 
 
-def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prompts):
+@pytest.mark.parametrize("copies_in_graph", [False, True])
+def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prompts, copies_in_graph):
     """The decode graphs' forward, run uncaptured on the CPU (the one the GPU captures): its input tokens
-    gathered on the device from wherever the step before left them, its greedy tokens taken inside it. The
-    outputs equal the synchronous engine's without graphs. With 4 rows a graph, the steps of more decodes run
-    eagerly, and the graph step after one takes its inputs from that step's larger token tensor."""
+    gathered on the device from wherever the step before left them, its greedy tokens taken inside it (and, with
+    the copies in the graph, read back by it into the staging set of its turn). The outputs equal the synchronous
+    engine's without graphs. With 4 rows a graph, the steps of more decodes run eagerly, and the graph step after
+    one takes its inputs from that step's larger token tensor."""
     expected = _summary(make_llm(async_scheduling=False).generate(prompts, _mixed_params()))
     llm = make_llm(async_scheduling=True)
-    graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4)
+    graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4, copies_in_graph=copies_in_graph)
     sources: list[str] = []
+    turns: list[int] = []
     run = graphs.run
 
     def spied(batch, where=None, tokens=None):
@@ -163,16 +185,22 @@ def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prom
             sources.append("graph")
         else:
             sources.append("copied" if tokens.numel() <= graphs.max_batch else "gathered")
-        return run(batch, where, tokens)
+        out = run(batch, where, tokens)
+        if graphs.host_tokens is not None:
+            turns.append(graphs.turn)
+        return out
 
     graphs.run = spied  # type: ignore[method-assign]
     assert _summary(llm.generate(prompts, _mixed_params())) == expected
     # Greedy steps after graph steps; sampled or eager steps before; eager steps of more rows than a graph holds.
     assert {"graph", "copied", "gathered"} <= set(sources)
+    assert set(turns) == ({0, 1} if copies_in_graph else set())
     _assert_no_leak(llm)
 
 
-def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(make_llm, prompts, monkeypatch):
+@pytest.mark.parametrize("copies_in_graph", [False, True])
+def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(make_llm, prompts, monkeypatch,
+                                                                               copies_in_graph):
     """A greedy graph step's tokens stay in the graphs' buffer until the next replay overwrites them. If the step
     after fails once it has replayed (here: just after its replay), the engine retries it from the same step
     before, whose tokens must then still be its own: the outputs equal the synchronous engine's."""
@@ -181,7 +209,7 @@ def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(mak
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     expected = _summary(make_llm(async_scheduling=False).generate(prompts[:3], params))
     eng = make_llm(async_scheduling=True).engine
-    eng.runner.graphs = _uncaptured_graphs(eng, max_batch=4)
+    eng.runner.graphs = _uncaptured_graphs(eng, max_batch=4, copies_in_graph=copies_in_graph)
     real, calls = model_runner.argmax_suffices, []
 
     def flaky(batch):
