@@ -5,7 +5,9 @@
 Prints, for one decode step at the given batch and context: each kernel family's device time per step, the
 matmuls' achieved bandwidth (weight bytes over their time, beside the device copy rate measured now), the
 graph replay's wall time, a whole engine step's wall time (the difference is host work that the GPU waits
-for, and the GPU work outside the graph), and that outside work by name: input copies, sampling, read-back.
+for, and the GPU work outside the graph), and that outside work by name: input copies, sampling, read-back. Also
+the device's idle gaps during engine steps, the longest `step()` call and the garbage collections among those
+steps (`--freeze-heap` freezes the startup heap first, as the server does).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from collections import defaultdict
 import torch
 
 from ember.bench.offline import random_prompts
-from ember.bench.profiling import idle_gaps, kernel_family, kernel_times
+from ember.bench.profiling import GcPauses, idle_gaps, kernel_family, kernel_times
 from ember.bench.roofline import measure_bandwidth, model_weight_bytes
 from ember.config import EngineConfig
+from ember.engine.heap import freeze_startup_heap
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
 
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--quantization", "-q", choices=["fp8", "none"], default=None)
+    ap.add_argument("--freeze-heap", action="store_true", help="freeze the startup heap first, as the server does")
     args = ap.parse_args()
     eng = LLMEngine(EngineConfig(model=args.model, load_format="dummy", tokenizer=args.tokenizer,
                                  max_model_len=4096, max_num_seqs=max(8, args.batch),
@@ -52,11 +56,18 @@ def main() -> None:
     assert g is not None, "run without --enforce-eager: this profiles the captured decode graph"
     size = g.padded_size(args.batch)
     graph = g.graphs[size]
-    # Timings first: the profiler's hooks slow launches down after it has run.
-    t = time.perf_counter()
-    for _ in range(50):
-        eng.step()
-    torch.cuda.synchronize()
+    if args.freeze_heap:
+        freeze_startup_heap()
+    # Timings first: the profiler's hooks slow launches down after it has run. Each step() call's host time too:
+    # one that outlasts the step queued before it leaves the GPU idle.
+    host_us = []
+    with GcPauses() as pauses:
+        t = time.perf_counter()
+        for _ in range(50):
+            t0 = time.perf_counter()
+            eng.step()
+            host_us.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t) / 50 * 1e3
     # These replays overwrite the in-flight step's greedy tokens with their own: the engine steps profiled after
     # them decode other (valid) token ids, at the same cost.
@@ -106,6 +117,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "kernel_us_per_step": round(total_us, 1), "graph_replay_ms": round(replay_ms, 3),
         "engine_step_ms": round(step_ms, 3), "gpu_busy_us_per_engine_step": round(step_busy_us, 1),
+        # step() returns once the step before is read back, so its time is mostly the wait for the GPU; the
+        # largest ones show host stalls (a collection, say) that the GPU may have waited out.
+        "step_call_us_median_max": [round(sorted(host_us)[len(host_us) // 2], 1), round(max(host_us), 1)],
+        "gc_during_engine_steps": pauses.summary(), "heap_frozen": args.freeze_heap,
         # Engine steps under the profiler: the device idle between its operations, and the largest such gaps.
         "gpu_idle_us_per_engine_step": round(idle_us / args.steps, 1),
         "profiled_engine_step_us": round(span_us / args.steps, 1),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable
 
 import torch
@@ -94,3 +96,30 @@ def graph_time(fn: Callable[[], object], reps: int = 10) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+class GcPauses:
+    """Records the garbage collector's runs while active (`with GcPauses() as pauses:`): (generation, microseconds)
+    each. A collection stalls the host; one longer than a step's slack leaves the GPU idle."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, float]] = []
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.runs.append((int(info["generation"]), (time.perf_counter() - self._start) * 1e6))
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict[str, float | int]:
+        us = [u for _, u in self.runs]
+        return {"collections": len(us), "full_collections": sum(g == 2 for g, _ in self.runs),
+                "total_us": round(sum(us), 1), "max_us": round(max(us, default=0.0), 1)}

@@ -22,3 +22,20 @@ def test_idle_gaps_merge_overlapping_operations_and_skip_host_events():
     assert idle == 3 + 10
     assert gaps == [(10, "argmax", "gemv"), (3, "attention", "memcpy")]
     assert idle_gaps([]) == (0.0, 0.0, [])
+
+
+def test_gc_pauses_records_each_collection_only_while_active():
+    import gc
+
+    from ember.bench.profiling import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect(0)
+        gc.collect()
+    gc.collect()  # after the block: not recorded
+    gens = [g for g, _ in pauses.runs]  # an automatic young collection may slip in as well
+    assert gens[-1] == 2 and 0 in gens and gens.count(2) == 1
+    assert all(us >= 0 for _, us in pauses.runs)
+    summary = pauses.summary()
+    assert summary["collections"] == len(gens) and summary["full_collections"] == 1
+    assert summary["max_us"] <= summary["total_us"]
