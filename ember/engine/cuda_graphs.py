@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.attention import AttentionBackend, AttentionMetadata
+from ember.engine.workers import drained
 from ember.model.llama import LlamaForCausalLM
 from ember.sampling.sampler import argmax_rows
 
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 # The largest batch whose graphs hold their copies (each such size captures two graphs). Off by default (0: the input
 # copies and the tokens' read-back run as stream operations between replays) until measured on a GPU; e.g. 8.
 COPIES_IN_GRAPH_MAX_BATCH = int(os.environ.get("EMBER_GRAPH_COPIES_MAX_BATCH", "0"))
+REWIND_TIMEOUT_S = 30.0
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -98,6 +100,9 @@ class DecodeGraphs:
 
         self._staging = [(host(_HOST_ROWS, n, dtype=torch.long), host(n, dtype=torch.int32),
                           host(n, max_blocks_per_seq, dtype=torch.int32)) for _ in range(2)]
+        for rows, lens, _ in self._staging:  # what a graph holding its copies reads before any run: padding rows
+            rows[_SLOTS] = -1
+            lens.fill_(1)
         self._host_tokens = [host(n, dtype=torch.long) for _ in range(2)]
         self.turn = 1  # the staging set the last run filled
         # The sizes whose graphs hold their copies (none uncaptured: the CPU).
@@ -158,18 +163,12 @@ class DecodeGraphs:
                 for _ in range(2):  # compile Triton kernels and settle allocations outside the capture
                     self._forward(b)
                 if b in self.holds_copies:
-                    try:
-                        for turn in (0, 1):
-                            g = torch.cuda.CUDAGraph()
-                            with torch.cuda.graph(g, pool=pool, stream=stream):
-                                self.outputs_of(turn, b)[b] = self._step_with_copies(turn, b)
-                            (self._twins if turn else self.graphs)[b] = g
-                        continue
-                    except RuntimeError as e:  # a torch that cannot capture host copies: keep them outside
-                        logger.warning("decode graphs of %d rows keep their copies outside: %s", b, e)
-                        self.holds_copies.discard(b)
-                        self._twins.pop(b, None)
-                        self._twin_outputs.pop(b, None)
+                    for turn in (0, 1):
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g, pool=pool, stream=stream):
+                            self.outputs_of(turn, b)[b] = self._step_with_copies(turn, b)
+                        (self._twins if turn else self.graphs)[b] = g
+                    continue
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=stream):
                     self.outputs[b] = self._forward(b)
@@ -205,11 +204,15 @@ class DecodeGraphs:
         return self._twin_outputs if turn and size in self.holds_copies else self.outputs
 
     def rewind(self, turn: int) -> None:
-        """After a step that failed once its run had begun: wait for what it queued, then hand its staging set to
-        the next run (`turn` is the `turn` before it). The other set belongs to the step still in flight, whose
-        tokens a graph holding its copies has yet to leave on the host."""
-        if self.packed.device.type == "cuda":
-            torch.cuda.current_stream(self.packed.device).synchronize()
+        """After a failed step (`turn`: the `turn` before it): if its run had begun, wait for what it queued, then
+        hand its staging set to the next run. The other set belongs to the step still in flight, whose tokens a
+        graph holding its copies has yet to leave on the host."""
+        if self.turn == turn:  # it failed before its run: it filled no staging set
+            return
+        # Bounded: a tensor-parallel step whose worker died never finishes.
+        if self.packed.device.type == "cuda" and not drained(torch.cuda.current_stream(self.packed.device),
+                                                             REWIND_TIMEOUT_S, 0.001):
+            raise RuntimeError(f"a failed decode step's queued work did not finish within {REWIND_TIMEOUT_S:g} s")
         self.turn = turn
 
     def run(self, batch: DecodeBatch, where: tuple[list[int], list[int]] | None = None,

@@ -134,11 +134,14 @@ def _in_daemon_thread(fn: Callable[[], Any]) -> asyncio.Future[Any]:
 
 
 class EmberServer:
-    """`ember serve` in-process. `serve()` returns the exit code; `stop()` may be called from any thread."""
+    """`ember serve` in-process. `serve()` returns the exit code; `stop()` may be called from any thread.
+    `freeze_heap`: once ready, freeze what startup built out of the garbage collector's scans (`ember.engine.heap`),
+    for a process that only serves (`run_server`)."""
 
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
-                 engine_factory: EngineFactory | None = None) -> None:
+                 engine_factory: EngineFactory | None = None, freeze_heap: bool = False) -> None:
         self.engine_config = engine_config
+        self.freeze_heap = freeze_heap
         self.server_config = server_config
         self.engine_factory = engine_factory or functools.partial(
             default_engine_factory, engine_process=server_config.engine_process)
@@ -220,7 +223,8 @@ class EmberServer:
                 return 1
             attach_engine(self.app, engine)
             self.engine = engine
-            freeze_startup_heap()  # this process's too, where the engine runs in another
+            if self.freeze_heap:  # this process's too, where the engine runs in another
+                freeze_startup_heap()
             names = ", ".join(cfg.served_model_names or [engine.model_name])
             logger.info("ember ready in %.1f s: serving %s at %s/v1 (docs: %s/docs)",
                         time.monotonic() - started, names, self.url, self.url)
@@ -241,4 +245,4 @@ class EmberServer:
 
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    return asyncio.run(EmberServer(engine_config, server_config).serve())
+    return asyncio.run(EmberServer(engine_config, server_config, freeze_heap=True).serve())

@@ -142,26 +142,33 @@ class _EagerGraph:
 
     def __init__(self, graphs, turn: int, size: int) -> None:
         self.graphs, self.turn, self.size = graphs, turn, size
+        self.replays = 0
 
     def replay(self) -> None:
         g = self.graphs
         lens = g._staging[self.turn][1][:self.size].tolist()
         g.outputs_of(self.turn, self.size)[self.size] = g._step_with_copies(self.turn, self.size, lens)
+        self.replays += 1
 
 
-def _uncaptured_graphs(eng, max_batch: int, copies_in_graph: bool = False):
-    """Decode graphs for `eng`'s runner that `run` executes eagerly (no capture: the CPU); with `copies_in_graph`,
-    two stand-in graphs for each small size that hold their copies and the greedy tokens' read-back, as on a GPU."""
+def _uncaptured_graphs(eng, max_batch: int, copies_up_to: int = 0):
+    """Decode graphs for `eng`'s runner that `run` executes eagerly (no capture: the CPU); up to `copies_up_to` rows,
+    two stand-in graphs a size that hold their copies and the greedy tokens' read-back, as on a GPU."""
     from ember.engine.cuda_graphs import DecodeGraphs
 
     runner = eng.runner
     g = DecodeGraphs(runner.model, runner.kv_caches, runner.attn, max_batch,
                      -(-eng.max_model_len // eng.block_size), runner.device)
-    if copies_in_graph:  # up to 2 rows (4 rows: an uncaptured graph, that does not)
-        g.holds_copies = {s for s in g.sizes if s <= 2}
-        for b in g.holds_copies:
-            g.graphs[b], g._twins[b] = _EagerGraph(g, 0, b), _EagerGraph(g, 1, b)
+    g.holds_copies = {s for s in g.sizes if s <= copies_up_to}
+    for b in g.holds_copies:
+        g.graphs[b], g._twins[b] = _EagerGraph(g, 0, b), _EagerGraph(g, 1, b)
     return g
+
+
+def _twin_replays(graphs) -> tuple[int, int]:
+    """How often the stand-in graphs of each staging set ran."""
+    return (sum(x.replays for x in graphs.graphs.values() if isinstance(x, _EagerGraph)),
+            sum(x.replays for x in graphs._twins.values()))
 
 
 @pytest.mark.parametrize("copies_in_graph", [False, True])
@@ -173,9 +180,10 @@ def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prom
     one takes its inputs from that step's larger token tensor."""
     expected = _summary(make_llm(async_scheduling=False).generate(prompts, _mixed_params()))
     llm = make_llm(async_scheduling=True)
-    graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4, copies_in_graph=copies_in_graph)
+    graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4,
+                                                            copies_up_to=2 if copies_in_graph else 0)
     sources: list[str] = []
-    turns: list[int] = []
+    read_back_by_graph = 0
     run = graphs.run
 
     def spied(batch, where=None, tokens=None):
@@ -185,16 +193,32 @@ def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prom
             sources.append("graph")
         else:
             sources.append("copied" if tokens.numel() <= graphs.max_batch else "gathered")
+        nonlocal read_back_by_graph
         out = run(batch, where, tokens)
-        if graphs.host_tokens is not None:
-            turns.append(graphs.turn)
+        read_back_by_graph += graphs.host_tokens is not None
         return out
 
     graphs.run = spied  # type: ignore[method-assign]
     assert _summary(llm.generate(prompts, _mixed_params())) == expected
     # Greedy steps after graph steps; sampled or eager steps before; eager steps of more rows than a graph holds.
     assert {"graph", "copied", "gathered"} <= set(sources)
-    assert set(turns) == ({0, 1} if copies_in_graph else set())
+    if copies_in_graph:  # both staging sets' graphs ran, and greedy steps took the tokens they read back
+        assert min(_twin_replays(graphs)) > 0 and read_back_by_graph > 0
+    else:
+        assert read_back_by_graph == 0
+    _assert_no_leak(llm)
+
+
+def test_sampled_steps_take_the_logits_of_the_graph_that_ran(make_llm, prompts):
+    """Two rows, sampled with seeds (so no step is greedy): every step replays a graph holding its copies, the two
+    staging sets' graphs in turn, and the sampler must get the logits of the one that ran, which each leaves in
+    its own output. The tokens equal the synchronous engine's without graphs."""
+    params = [SamplingParams(temperature=0.8, seed=5 + i, max_tokens=24, ignore_eos=True) for i in range(2)]
+    expected = _summary(make_llm(async_scheduling=False).generate(prompts[:2], params))
+    llm = make_llm(async_scheduling=True)
+    graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4, copies_up_to=4)
+    assert _summary(llm.generate(prompts[:2], params)) == expected
+    assert min(_twin_replays(graphs)) > 5
     _assert_no_leak(llm)
 
 
@@ -209,7 +233,7 @@ def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(mak
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     expected = _summary(make_llm(async_scheduling=False).generate(prompts[:3], params))
     eng = make_llm(async_scheduling=True).engine
-    eng.runner.graphs = _uncaptured_graphs(eng, max_batch=4, copies_in_graph=copies_in_graph)
+    graphs = eng.runner.graphs = _uncaptured_graphs(eng, max_batch=4, copies_up_to=4 if copies_in_graph else 0)
     real, calls = model_runner.argmax_suffices, []
 
     def flaky(batch):
@@ -231,6 +255,7 @@ def test_a_step_failing_after_its_graph_replay_leaves_the_step_before_intact(mak
         run()
     run()
     assert _summary([finished[f"r{i}"] for i in range(3)]) == expected
+    assert min(_twin_replays(graphs)) > 0 or not copies_in_graph
 
 
 @dataclass
