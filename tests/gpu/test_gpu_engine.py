@@ -180,3 +180,28 @@ def test_gate_up_silu_kernel_matches_the_unfused_mlp(monkeypatch: pytest.MonkeyP
     print(f"gate/up + SiLU·mul kernel vs cuBLAS + silu_mul: {same}/16 identical continuations; logprob diff at "
           f"most {worst:.4f}")
     assert same >= 14 and worst < 0.1
+
+
+def test_graphs_holding_their_copies_match_the_graphs_without(monkeypatch: pytest.MonkeyPatch):
+    """Decode graphs that hold their input copies and the greedy tokens' read-back (two a size, used in turn:
+    `EMBER_GRAPH_COPIES_MAX_BATCH`), with async scheduling: the same tokens as the graphs with the copies outside,
+    bit for bit (the same kernels on the same padded shapes), for greedy and seeded sampled rows, one sequence
+    alone and four together."""
+    from ember.engine import cuda_graphs
+
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    mixed = [greedy, SamplingParams(temperature=0.8, seed=7, max_tokens=20, ignore_eos=True),
+             SamplingParams(temperature=0, max_tokens=9, ignore_eos=True),
+             SamplingParams(temperature=0.7, top_p=0.9, seed=3, max_tokens=28, ignore_eos=True)]
+    runs = []
+    for up_to in (0, 8):
+        monkeypatch.setattr(cuda_graphs, "COPIES_IN_GRAPH_MAX_BATCH", up_to)  # read when the graphs are made
+        with LLM(device="cuda", dtype="bfloat16", max_num_seqs=4) as llm:
+            graphs = llm.engine.runner.graphs
+            assert graphs is not None and llm.engine.async_scheduling
+            assert graphs.holds_copies == ({1, 2, 4} if up_to else set())
+            prompts = _prompts(llm.tokenizer)[:4]
+            one = llm.generate(prompt_token_ids=prompts[:1], sampling_params=greedy)[0].outputs[0].token_ids
+            four = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=mixed)]
+            runs.append((one, four))
+    assert runs[0] == runs[1]
