@@ -490,7 +490,7 @@ class LLMEngine:
                 continue
             if seq.grammar is not None or p.logprobs is not None:
                 return False
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if p.has_penalties:
                 return False
             if p.min_tokens and seq.num_output_tokens <= p.min_tokens:  # the ban depends on the exact count
                 return False

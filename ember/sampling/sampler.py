@@ -75,12 +75,12 @@ def apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence], eos_toke
             ids = torch.tensor(list(p.logit_bias)).to(logits.device, non_blocking=True)
             bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype).to(logits.device, non_blocking=True)
             logits[i, ids] += bias
-        if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+        if _min_tokens_pending(seq):
             banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)
             banned = {t for t in banned if t < vocab}
             if banned:
                 logits[i, list(banned)] = _NEG_INF
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if p.has_penalties:
             _apply_penalties(logits[i], seq, vocab)
 
 
@@ -89,13 +89,13 @@ def argmax_suffices(batch: SamplingBatch) -> bool:
     and nothing that edits logits first (logit_bias, a pending min_tokens, penalties, a grammar)."""
     if not batch.all_greedy or batch.max_logprobs >= 0:
         return False
-    for seq in batch.seqs:
-        p = seq.params
-        if seq.grammar is not None or p.logit_bias or (p.min_tokens and seq.num_output_tokens < p.min_tokens):
-            return False
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            return False
-    return True
+    return not any(seq.grammar is not None or seq.params.logit_bias or _min_tokens_pending(seq)
+                   or seq.params.has_penalties for seq in batch.seqs)
+
+
+def _min_tokens_pending(seq: Sequence) -> bool:
+    """Whether the sequence may not end yet (min_tokens): its end tokens are banned."""
+    return bool(seq.params.min_tokens) and seq.num_output_tokens < seq.params.min_tokens
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence, vocab: int) -> None:
