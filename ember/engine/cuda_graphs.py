@@ -167,7 +167,7 @@ class DecodeGraphs:
                         g = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(g, pool=pool, stream=stream):
                             self.outputs_of(turn, b)[b] = self._step_with_copies(turn, b)
-                        (self._twins if turn else self.graphs)[b] = g
+                        self._graphs_of(turn, b)[b] = g
                     continue
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=stream):
@@ -198,6 +198,10 @@ class DecodeGraphs:
         rows, src = where  # more tokens than fit: only the ones needed
         self.tokens[:len(src)].copy_(tokens[torch.tensor(src).to(tokens.device, non_blocking=True)])
         return rows, list(range(len(src)))
+
+    def _graphs_of(self, turn: int, size: int) -> dict[int, torch.cuda.CUDAGraph]:
+        """Where the graph that staging set `turn` runs for `size` rows is kept."""
+        return self._twins if turn and size in self.holds_copies else self.graphs
 
     def outputs_of(self, turn: int, size: int) -> dict[int, torch.Tensor]:
         """Where the graph of staging set `turn` for `size` rows leaves its outputs."""
@@ -243,13 +247,12 @@ class DecodeGraphs:
         # A copy, never a kernel (see _copy_inputs); only the columns in use.
         self.block_tables[:b, :width].copy_(host_bt[:b, :width], non_blocking=True)
         self.host_tokens = None
-        inside = size in self.holds_copies
-        graph = (self._twins if turn and inside else self.graphs).get(size)
+        graph = self._graphs_of(turn, size).get(size)
         outputs = self.outputs_of(turn, size)
         if graph is None:
             self._copy_inputs(turn, size)
             outputs[size] = self._forward(size, list(batch.seq_lens) + [1] * (size - b))
-        elif inside:
+        elif size in self.holds_copies:
             graph.replay()
             if self.with_logits:
                 self.host_tokens = self._host_tokens[turn][:b]

@@ -372,7 +372,7 @@ class ModelRunner:
             assert self.graphs is not None and self.graphs.host_tokens is not None
             host = self.graphs.host_tokens
         elif self.device.type != "cuda":  # graphed (CPU tests): a copy, the graphs' `tokens` change on the next step
-            return InflightStep(seqs, tokens, tokens.clone() if graphed else tokens, None)
+            host = tokens.clone() if graphed else tokens
         else:
             host = self._host_buffer(len(seqs))
             host.copy_(tokens, non_blocking=True)
