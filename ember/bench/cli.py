@@ -22,6 +22,10 @@ def add_bench(sub: Any, add_engine_args: Callable[[argparse.ArgumentParser], Non
         q.add_argument("--num-prompts", type=int, default=defaults.get("num_prompts", 0))
         q.add_argument("--iters", type=int, default=3)
         q.add_argument("--output-json", default=None)
+        if name != "hf":
+            q.add_argument("--freeze-heap", action="store_true",
+                           help="freeze the startup heap out of the garbage collector once the engine is built, "
+                                "as `ember serve` does")
         if name == "throughput":
             q.add_argument("--sustained-seconds", type=float, default=5.0,
                            help="after the run, time matmuls after this long under load: the roofline at the "

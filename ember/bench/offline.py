@@ -19,6 +19,7 @@ from ember.bench.roofline import (
     model_weight_bytes,
 )
 from ember.config import EngineConfig
+from ember.engine.heap import freeze_startup_heap
 from ember.engine.llm_engine import LLMEngine
 from ember.sampling_params import SamplingParams
 
@@ -51,17 +52,24 @@ def run_info(device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> dic
             "ember": ember.__version__, "dtype": str(dtype).removeprefix("torch."), "cuda_graphs": cuda_graphs}
 
 
-def _engine_info(engine: LLMEngine) -> dict[str, Any]:
+def _engine_info(engine: LLMEngine, args: argparse.Namespace) -> dict[str, Any]:
     # With tensor parallelism the rates are measured on rank 0's GPU and the rooflines are the group's: each rank
     # reads its own weights (those this process holds, the lm_head included) and 1/N of the KV cache, and the
     # FLOPs are shared evenly over the N GPUs.
     return {**run_info(engine.device, engine.dtype, engine.cuda_graphs_enabled),
             "quantization": engine.loaded.quantization, "tensor_parallel_size": engine.tp.size,
-            "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch.")}
+            "kv_cache_dtype": str(engine.kv_dtype).removeprefix("torch."), "heap_frozen": args.freeze_heap}
+
+
+def _build_engine(args: argparse.Namespace, config: EngineConfig) -> LLMEngine:
+    engine = LLMEngine(config)
+    if args.freeze_heap:
+        freeze_startup_heap()
+    return engine
 
 
 def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
-    engine = LLMEngine(config)
+    engine = _build_engine(args, config)
     roof = measure(engine.device, engine.dtype, fp8=engine.loaded.quantization == "fp8")
     prompts = random_prompts(args.batch_size, args.input_len, engine.arch.vocab_size)
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -82,7 +90,7 @@ def bench_latency(args: argparse.Namespace, config: EngineConfig) -> dict[str, A
     floor = roof.step_time(engine.arch, engine.dtype, b / ranks, b * avg_ctx / ranks,
                            attention_flops(engine.arch, b, avg_ctx) / ranks, lm_head_rows=b, weight_bytes=weights,
                            kv_dtype=engine.kv_dtype)
-    return {**_engine_info(engine), "bench": "latency", "batch_size": b, "input_len": args.input_len,
+    return {**_engine_info(engine, args), "bench": "latency", "batch_size": b, "input_len": args.input_len,
             "output_len": args.output_len, "ttft_s": ttft, "e2e_s": e2e, "tpot_ms": tpot * 1e3,
             "decode_tok_s_per_seq": 1 / tpot, "decode_tok_s": b / tpot,
             **roof.rates(), "weight_gb": weights / 1e9,
@@ -105,7 +113,7 @@ def throughput_floor(roof: Roofline, engine: LLMEngine, n: int, inp: int, out: i
 
 
 def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str, Any]:
-    engine = LLMEngine(config)
+    engine = _build_engine(args, config)
     roof = measure(engine.device, engine.dtype, fp8=engine.loaded.quantization == "fp8")
     prompts = random_prompts(args.num_prompts, args.input_len, engine.arch.vocab_size)
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -114,7 +122,7 @@ def bench_throughput(args: argparse.Namespace, config: EngineConfig) -> dict[str
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     n_in = sum(len(p) for p in prompts)
     floor = throughput_floor(roof, engine, args.num_prompts, args.input_len, args.output_len)
-    res = {**_engine_info(engine), "bench": "throughput", "num_prompts": args.num_prompts,
+    res = {**_engine_info(engine, args), "bench": "throughput", "num_prompts": args.num_prompts,
            "input_len": args.input_len, "output_len": args.output_len, "elapsed_s": elapsed,
            "requests_s": args.num_prompts / elapsed, "output_tok_s": n_out / elapsed,
            "total_tok_s": (n_in + n_out) / elapsed, **roof.rates(), "roofline_s": floor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -12,10 +13,17 @@ from ember.cli import main
 @pytest.mark.parametrize("sustained", [0.05, 0.0])
 def test_throughput_reports_burst_and_sustained_rooflines(tmp_path, capsys, sustained):
     out = tmp_path / "res.json"
-    assert main(["bench", "throughput", "tiny-llama", "--load-format", "dummy", "--max-model-len", "64",
-                 "--num-prompts", "3", "--input-len", "16", "--output-len", "4", "--output-json", str(out),
-                 "--sustained-seconds", str(sustained)]) == 0
+    freeze = ["--freeze-heap"] if sustained else []  # with and without: only the flag freezes
+    frozen_before = gc.get_freeze_count()
+    try:
+        assert main(["bench", "throughput", "tiny-llama", "--load-format", "dummy", "--max-model-len", "64",
+                     "--num-prompts", "3", "--input-len", "16", "--output-len", "4", "--output-json", str(out),
+                     "--sustained-seconds", str(sustained), *freeze]) == 0
+        assert (gc.get_freeze_count() > frozen_before) == bool(freeze)
+    finally:
+        gc.unfreeze()
     res = json.loads(out.read_text())
+    assert res["heap_frozen"] == bool(freeze)
     assert res["num_prompts"] == 3 and res["output_tok_s"] * res["elapsed_s"] == pytest.approx(12)
     assert res["pct_of_roofline"] == pytest.approx(100 * res["roofline_s"] / res["elapsed_s"])
     if not sustained:
