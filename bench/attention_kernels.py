@@ -36,8 +36,9 @@ from ember.kernels.paged_attention import (  # noqa: E402
 )
 
 DTYPE = torch.bfloat16
-# (keys per step, warps, pipeline stages)
-TILE_SHAPES = [(64, 4, 3), (128, 4, 2), (128, 8, 2), (256, 8, 2)]
+# (keys per step, warps, pipeline stages, fewest tiles in a split: split-KV only, `EMBER_ATTN_SPLIT_KV`)
+TILE_SHAPES = [(64, 4, 3, 2), (128, 4, 2, 2), (128, 8, 2, 2), (256, 8, 2, 2), (128, 4, 2, 1), (256, 8, 2, 1),
+               (256, 4, 2, 1)]
 PREFILL = [(0, 1024), (0, 4096), (3584, 512)]  # (cached prefix, chunk)
 # (rows per tile, keys per step, warps, stages) tried besides the default for prefill
 PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 2)]
@@ -150,10 +151,13 @@ def tile_rows(args: argparse.Namespace, batch: int, context: int, sms: int) -> l
     rows = []
     for splits in split_counts:
         row = [str(batch), str(context), str(splits)]
-        for tile_n, warps, stages in TILE_SHAPES:
+        for tile_n, warps, stages, min_tiles in TILE_SHAPES:
             cfg = dict(tile_n=tile_n, num_warps=warps, num_stages=stages)
             if splits > 1:
-                fn = functools.partial(case.split, splits, **cfg)
+                fn = functools.partial(case.split, splits, min_tiles=min_tiles, **cfg)
+            elif min_tiles != 2:  # the unified kernel has no splits: the same as the shape without it
+                row.append("-")
+                continue
             else:
                 fn = functools.partial(case.unified, **cfg)
             try:
@@ -256,7 +260,8 @@ def main() -> None:
     print(table(["batch", "ctx", "MB", "floor us", "unified us", "GB/s", "best split us", "auto splits",
                  "auto us", "auto GB/s", "of copy", "eager us", "fastest", "max rel err"], decode))
     if tiles:
-        print("\nDecode tile shapes: graph-replay us per keys per step / warps / stages (splits 1: unified)")
+        print("\nDecode tile shapes: graph-replay us per keys per step / warps / stages / fewest tiles in a split "
+              "(splits 1: unified)")
         print(table(["batch", "ctx", "splits", *("/".join(map(str, t)) for t in TILE_SHAPES)], tiles))
     if prefill:
         print("\nPrefill, one sequence: us median (eager); TFLOP/s over the visible (query, key) pairs")

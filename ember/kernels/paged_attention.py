@@ -50,6 +50,25 @@ PREFETCH_BEFORE_WAIT = ATTENTION_PREFETCH
 SCATTER_TILES = os.environ.get("EMBER_ATTN_SCATTER", "0") == "1"
 
 
+def _split_kv_shape(spec: str | None) -> tuple[int | None, int, int]:
+    """`EMBER_ATTN_SPLIT_KV=KEYS,MIN_TILES,WARPS` (experimental, unset: up to 128 keys a tile, 2, 4): the split-KV
+    launch shape. At batch 1 a short context is one or two tiles, each tile a chain of dependent loads (block
+    table, then K and V) before its products; e.g. `256,1,8` reads up to 256 keys in one tile, one chain, and a
+    context needs as many programs as it has such tiles."""
+    if not spec:
+        return None, 2, 4
+    try:
+        keys, min_tiles, warps = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"EMBER_ATTN_SPLIT_KV={spec!r}: expected KEYS,MIN_TILES,WARPS, e.g. 256,1,8") from None
+    if keys < 16 or keys & (keys - 1) or min_tiles < 1 or warps not in (1, 2, 4, 8):
+        raise ValueError(f"EMBER_ATTN_SPLIT_KV={spec!r}: KEYS a power of 2 from 16, MIN_TILES >= 1, WARPS 1/2/4/8")
+    return keys, min_tiles, warps
+
+
+SPLIT_KV_SHAPE = _split_kv_shape(os.environ.get("EMBER_ATTN_SPLIT_KV"))
+
+
 @triton.jit
 def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The sequence whose query tiles contain program `pid`.
@@ -187,11 +206,11 @@ def _unified_attention_kernel(
 
 
 @triton.jit
-def _segment_len(seq_len, num_splits, TILE_N: tl.constexpr):
-    """Keys per split, a multiple of TILE_N so that only a segment's last tile needs a mask, and at least two
-    tiles: a shorter context then runs as one split per KV head and skips the merge (at batch 1 on an H200, two
-    128-key splits and their merge took longer than one program reading 160 keys)."""
-    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N), 2) * TILE_N
+def _segment_len(seq_len, num_splits, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr):
+    """Keys per split, a multiple of TILE_N so that only a segment's last tile needs a mask, and at least
+    MIN_TILES tiles: a shorter context then runs as one split per KV head and skips the merge (by default two: at
+    batch 1 on an H200, two 128-key splits and their merge took longer than one program reading 160 keys)."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), TILE_N), MIN_TILES) * TILE_N
 
 
 @triton.jit
@@ -232,14 +251,15 @@ def _prefetch_rows_l2(rows, row_bytes):
 def _prefetch_segment_l2(
     k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq, kv_head, split, num_splits,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, ROW_BYTES: tl.constexpr, PREFETCH_KEYS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, MIN_TILES: tl.constexpr, ROW_BYTES: tl.constexpr,
+    PREFETCH_KEYS: tl.constexpr,
 ):
     """Before the PDL wait: L2 prefetches of the K and V rows of this program's first PREFETCH_KEYS keys. It reads
     only the lengths and the block table, which the host copied in before the step (`ember.kernels.pdl`); the
     newest key's row, which the kernel ahead may still be writing, is among those asked for, harmlessly."""
     q_len = tl.load(query_start_loc_ptr + seq + 1) - tl.load(query_start_loc_ptr + seq)
     seq_len = tl.load(seq_lens_ptr + seq)
-    seg_len = _segment_len(seq_len, num_splits, TILE_N)
+    seg_len = _segment_len(seq_len, num_splits, TILE_N, MIN_TILES)
     kv_start = split * seg_len
     kv_end = tl.minimum(tl.minimum(kv_start + seg_len, seq_len), kv_start + PREFETCH_KEYS)
     kpos = kv_start + tl.arange(0, PREFETCH_KEYS)
@@ -263,6 +283,7 @@ def _split_kv_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, ROW_BYTES: tl.constexpr, PREFETCH_KEYS: tl.constexpr,
+    MIN_TILES: tl.constexpr,
 ):
     pdl_release_early(USE_PDL, RELEASE_EARLY)
     seq = tl.program_id(0)
@@ -271,13 +292,13 @@ def _split_kv_decode_kernel(
     if PREFETCH_KEYS > 0:
         _prefetch_segment_l2(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq,
                              kv_head, split, num_splits, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                             stride_vh, stride_bt, BLOCK_SIZE, TILE_N, ROW_BYTES, PREFETCH_KEYS)
+                             stride_vh, stride_bt, BLOCK_SIZE, TILE_N, MIN_TILES, ROW_BYTES, PREFETCH_KEYS)
     pdl_wait(USE_PDL)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
-    seg_len = _segment_len(seq_len, num_splits, TILE_N)
-    # The splits with keys: short contexts leave the trailing ones empty (seg_len is at least two tiles).
+    seg_len = _segment_len(seq_len, num_splits, TILE_N, MIN_TILES)
+    # The splits with keys: short contexts leave the trailing ones empty (seg_len is at least MIN_TILES tiles).
     active = tl.cdiv(seq_len, tl.maximum(seg_len, 1))
     kv_start = split * seg_len
     # Split 0 of an empty context (seq_len 0, q_len 1) still runs, to write zeros as the unified kernel does.
@@ -448,15 +469,15 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
                               counters: torch.Tensor | None = None, tile_n: int | None = None,
-                              num_warps: int = 4, num_stages: int = 2,
+                              min_tiles: int | None = None, num_warps: int | None = None, num_stages: int = 2,
                               prefetch: bool | None = None) -> torch.Tensor:
     """Flash-decoding over `num_splits` context segments for a batch where every q_len is 0 or 1.
 
     `counters`: int32, at least `num_seqs * num_kv_heads` zeros, which every launch leaves zero again, so one
     buffer serves every launch and CUDA-graph replay (but not two launches running at once). Without one large
-    enough, a zeroed buffer is allocated for this call (a memset more). `tile_n` (keys per step), `num_warps`
-    and `num_stages` override the defaults, for benchmarks. `prefetch` (default `PREFETCH_BEFORE_WAIT`): L2
-    prefetches before the PDL wait, where PDL is on.
+    enough, a zeroed buffer is allocated for this call (a memset more). `tile_n` (keys per step), `min_tiles`
+    (the fewest tiles in a split), `num_warps` and `num_stages` override the defaults (`SPLIT_KV_SHAPE`), for
+    benchmarks. `prefetch` (default `PREFETCH_BEFORE_WAIT`): L2 prefetches before the PDL wait, where PDL is on.
     """
     shapes = _shapes(q, k_cache, v_cache, query_start_loc)
     if shapes is None:
@@ -464,7 +485,10 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     num_heads, head_dim, num_kv_heads, num_seqs = shapes
     group = num_heads // num_kv_heads
     assert 1 <= num_splits <= MAX_SPLITS
-    tile_n = tile_n or _tile_n(q, k_cache, 128)
+    shape_keys, shape_min_tiles, shape_warps = SPLIT_KV_SHAPE
+    tile_n = tile_n or shape_keys or _tile_n(q, k_cache, 128)
+    min_tiles = min_tiles or shape_min_tiles
+    num_warps = num_warps or shape_warps
     # Partials in fp32: [seq, head, split, dim] and the log2-sum-exp of each split's scores.
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -486,7 +510,7 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=max(16, triton.next_power_of_2(group)), SPLITS_P=triton.next_power_of_2(num_splits),
         TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype), ROW_BYTES=row_bytes, PREFETCH_KEYS=prefetch_keys,
-        num_warps=num_warps, num_stages=num_stages,
+        MIN_TILES=min_tiles, num_warps=num_warps, num_stages=num_stages,
         **pdl_small_kernel_args(q.device, num_seqs * num_kv_heads * num_splits),
     )
     return out

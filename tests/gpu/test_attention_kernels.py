@@ -268,18 +268,20 @@ def test_decode_paths(cfg: Config, num_splits: int) -> None:
 SPLIT_KV_EDGES = ([1, 1, 0, 1, 1, 1, 1, 0, 1, 1], [1, 16, 0, 17, 48, 64, 65, 5, 100, 128])
 
 
-def _split_kv_launch(b: Batch, scale: float, counters: torch.Tensor | None) -> torch.Tensor:
+def _split_kv_launch(b: Batch, scale: float, counters: torch.Tensor | None, min_tiles: int = 2) -> torch.Tensor:
     out = poisoned_like(b.q)
     split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
-                              b.meta.query_start_loc, scale, 4, counters=counters, tile_n=16)
+                              b.meta.query_start_loc, scale, 4, counters=counters, tile_n=16, min_tiles=min_tiles)
     return out
 
 
 # The interpreter runs the programs of a launch one after another, so these check the bookkeeping (which split
 # merges, the counter reset), not the races between concurrent splits: the GPU run of the same tests does.
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-def test_split_kv_merge_and_counter_reset(cfg: Config) -> None:
-    """The same launch twice on one counters buffer: each launch must leave its counters zero for the next."""
+@pytest.mark.parametrize("min_tiles", [2, 1])
+def test_split_kv_merge_and_counter_reset(cfg: Config, min_tiles: int) -> None:
+    """The same launch twice on one counters buffer: each launch must leave its counters zero for the next. With
+    one-tile segments (`min_tiles` 1) the same contexts spread over more splits: 1, 1, -, 2, 3, 4, 3, -, 4, 4."""
     _skip_interpreter_bf16(cfg.dtype)
     b = with_new_kv(make_batch(cfg, *SPLIT_KV_EDGES, seed=3))
     scale = cfg.head_dim ** -0.5
@@ -289,11 +291,32 @@ def test_split_kv_merge_and_counter_reset(cfg: Config) -> None:
     counters = torch.zeros(used + 8, dtype=torch.int32, device=DEVICE)
     counters[used:] = 7
     for _ in range(2):
-        assert_matches(_split_kv_launch(b, scale, counters), ref, cfg.dtype)
+        assert_matches(_split_kv_launch(b, scale, counters, min_tiles), ref, cfg.dtype)
         assert counters[:used].eq(0).all() and counters[used:].eq(7).all()
     # A buffer too small for the batch is not used: the launch zeroes its own.
     small = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    assert_matches(_split_kv_launch(b, scale, small), ref, cfg.dtype)
+    assert_matches(_split_kv_launch(b, scale, small, min_tiles), ref, cfg.dtype)
+
+
+@pytest.mark.skipif(INTERPRET, reason="bf16 at Llama shapes: compiled on a GPU")
+@pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4), (128, 1, 4),
+                                                          (64, 1, 4)])
+def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int) -> None:
+    """`EMBER_ATTN_SPLIT_KV` shapes at Llama-3.1-8B shapes: batch-1 contexts at tile and segment edges, a
+    batch of several, and long contexts, with the split counts the engine uses at batch 1 and 8 and a few."""
+    cfg = CONFIGS[0]
+    scale = cfg.head_dim ** -0.5
+    cases = [([1], [n]) for n in (1, 63, 64, 65, 127, 128, 129, 160, 255, 256, 257, 511, 513)]
+    cases += [(SPLIT_KV_EDGES[0], [n * 4 for n in SPLIT_KV_EDGES[1]]), ([1, 1, 1], [4000, 1500, 257])]
+    for i, (q_lens, seq_lens) in enumerate(cases):
+        b = with_new_kv(make_batch(cfg, q_lens, seq_lens, seed=200 + i))
+        ref = reference(b, scale)
+        for splits in (2, 4, 7, 32):
+            out = poisoned_like(b.q)
+            split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
+                                      b.meta.query_start_loc, scale, splits, tile_n=keys, min_tiles=min_tiles,
+                                      num_warps=warps)
+            assert_matches(out, ref, cfg.dtype)
 
 
 def test_split_kv_persistent_counters() -> None:

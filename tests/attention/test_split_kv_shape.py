@@ -1,0 +1,53 @@
+"""`EMBER_ATTN_SPLIT_KV`: the split-KV launch shape, parsed, and compiled for sm_90 on this machine (the results
+on a GPU: tests/gpu/test_attention_kernels.py::test_split_kv_launch_shapes)."""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ember.kernels import paged_attention as attention  # noqa: E402
+
+
+def test_unset_keeps_the_default_shape_and_bad_specs_say_what_is_expected() -> None:
+    assert attention._split_kv_shape(None) == (None, 2, 4)
+    assert attention._split_kv_shape("") == (None, 2, 4)
+    assert attention._split_kv_shape("256,1,8") == (256, 1, 8)
+    for bad in ("256", "256,1", "100,1,4", "256,0,4", "256,1,3", "a,b,c"):
+        with pytest.raises(ValueError, match="EMBER_ATTN_SPLIT_KV"):
+            attention._split_kv_shape(bad)
+
+
+# What a launch at Llama-3.1-8B shapes passes: bf16 pointers and, as Triton specializes them, strides divisible
+# by 16 (without that the K/V loads would compile to scalar loads rather than the asynchronous copies measured).
+POINTERS = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
+            "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "counters_ptr": "*i32", "block_tables_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32"}
+STRIDES = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "stride_ks", "stride_kh", "stride_vb",
+           "stride_vs", "stride_vh", "stride_ps", "stride_ph", "stride_ls", "stride_lh")
+HOPPER_SHARED_BYTES = 227 * 1024  # the most one block may take
+
+
+@pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4)])
+def test_split_kv_shapes_compile_for_sm90_within_its_shared_memory(keys: int, min_tiles: int, warps: int) -> None:
+    fn = attention._split_kv_decode_kernel
+    constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, SPLITS_P=32, TILE_N=keys,
+                      DOT_PRECISION="tf32", USE_PDL=True, RELEASE_EARLY=True, ROW_BYTES=256, PREFETCH_KEYS=0,
+                      MIN_TILES=min_tiles)
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n == "scale_log2e" else "i32")
+                 for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*POINTERS, *STRIDES)}
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+    except FileNotFoundError as e:  # no ptxas beside this Triton
+        pytest.skip(f"cannot assemble for sm_90 here: {e}")
+    assert 0 < kernel.metadata.shared <= HOPPER_SHARED_BYTES
+    # K and V reach shared memory by asynchronous 16-byte copies.
+    assert "cp.async.cg.shared.global" in kernel.asm["ptx"]
