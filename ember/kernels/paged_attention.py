@@ -67,6 +67,9 @@ def _split_kv_shape(spec: str | None) -> tuple[int | None, int, int]:
 
 
 SPLIT_KV_SHAPE = _split_kv_shape(os.environ.get("EMBER_ATTN_SPLIT_KV"))
+# `EMBER_ATTN_TABLE_BEFORE_WAIT=1` (experimental, off until measured): split-KV programs launched with PDL read the
+# lengths and their first tile's block-table entries before their wait, leaving q and K/V to load after it.
+TABLE_BEFORE_WAIT = os.environ.get("EMBER_ATTN_TABLE_BEFORE_WAIT", "0") == "1"
 
 
 @triton.jit
@@ -105,40 +108,79 @@ def _attend_kv_range(
     `n < kv_end and n <= q_pos[r]` (q_pos: each row's absolute query position).
     """
     offs_n = tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start in range(kv_start, kv_end, TILE_N):
         kpos = start + offs_n
         # Keys come one cache row at a time through the block table, so a tile may span several blocks and
         # TILE_N need not equal the block size.
         if MASK:
-            kmask = kpos < kv_end
-            block = tl.load(block_table_ptr + kpos // BLOCK_SIZE, mask=kmask, other=0).to(tl.int64)
+            block = tl.load(block_table_ptr + kpos // BLOCK_SIZE, mask=kpos < kv_end, other=0)
         else:
-            block = tl.load(block_table_ptr + kpos // BLOCK_SIZE).to(tl.int64)
-        in_block = kpos % BLOCK_SIZE
-        k_off = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
-        v_off = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
-        if MASK:
-            k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        else:
-            k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
-        if MASK:
-            visible = kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 off NaN.
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if MASK:
-            v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        else:
-            v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        m_i = m_new
+            block = tl.load(block_table_ptr + kpos // BLOCK_SIZE)
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block, kv_head, start, kv_end, q_pos,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+            MASK, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _tile_rows(k_cache_ptr, v_cache_ptr, block, kv_head, kpos,
+               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Pointers to the K and V rows [TILE_N, HEAD_DIM] of keys `kpos`, whose cache blocks `block` holds."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    block = block.to(tl.int64)
+    in_block = kpos % BLOCK_SIZE
+    k_off = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
+    v_off = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
+    return k_cache_ptr + k_off[:, None] + offs_d[None, :], v_cache_ptr + v_off[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _load_rows(ptrs, kmask, MASK: tl.constexpr):
+    if MASK:
+        return tl.load(ptrs, mask=kmask[:, None], other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _softmax_step(q, k, m_i, l_i, kpos, kv_end, q_pos, scale_log2e, MASK: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """The scores of one tile and the online softmax over them: (p, alpha, m_new, l_i)."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if MASK:
+        visible = (kpos[None, :] < kv_end) & (kpos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 off NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attend_tile(
+    q, acc, m_i, l_i,
+    k_cache_ptr, v_cache_ptr, block, kv_head, start, kv_end, q_pos,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    scale_log2e,
+    MASK: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The online-softmax update with keys [start, start + TILE_N), whose cache blocks `block` holds (one entry a
+    key, from the block table; under MASK, keys from kv_end on are left out whatever their entry). V is loaded
+    after the scores: in a pipelined loop the copies of both are in flight anyway."""
+    kpos = start + tl.arange(0, TILE_N)
+    k_ptrs, v_ptrs = _tile_rows(k_cache_ptr, v_cache_ptr, block, kv_head, kpos, stride_kb, stride_ks, stride_kh,
+                                stride_vb, stride_vs, stride_vh, BLOCK_SIZE, HEAD_DIM)
+    kmask = kpos < kv_end
+    k = _load_rows(k_ptrs, kmask, MASK)
+    p, alpha, m_new, l_i = _softmax_step(q, k, m_i, l_i, kpos, kv_end, q_pos, scale_log2e, MASK, DOT_PRECISION)
+    v = _load_rows(v_ptrs, kmask, MASK)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
 
 
 # Integers that change from step to step are not specialized on (Triton compiles a variant for a value of 1 and
@@ -283,7 +325,7 @@ def _split_kv_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, SPLITS_P: tl.constexpr, TILE_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, ROW_BYTES: tl.constexpr, PREFETCH_KEYS: tl.constexpr,
-    MIN_TILES: tl.constexpr,
+    MIN_TILES: tl.constexpr, TABLE_BEFORE_WAIT: tl.constexpr,
 ):
     pdl_release_early(USE_PDL, RELEASE_EARLY)
     seq = tl.program_id(0)
@@ -293,7 +335,8 @@ def _split_kv_decode_kernel(
         _prefetch_segment_l2(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq,
                              kv_head, split, num_splits, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                              stride_vh, stride_bt, BLOCK_SIZE, TILE_N, MIN_TILES, ROW_BYTES, PREFETCH_KEYS)
-    pdl_wait(USE_PDL)
+    if not TABLE_BEFORE_WAIT:
+        pdl_wait(USE_PDL)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -306,28 +349,54 @@ def _split_kv_decode_kernel(
         return
     kv_end = tl.minimum(kv_start + seg_len, seq_len)
     kv_full = kv_start + (kv_end - kv_start) // TILE_N * TILE_N
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    if TABLE_BEFORE_WAIT:
+        # The lengths and the block table are host copies (`ember.kernels.pdl`): read while the kernel ahead
+        # finishes, so that after the wait the first tile has only q, K and V to load.
+        first_keys = kv_start + tl.arange(0, TILE_N)
+        first_block = tl.load(block_table_ptr + first_keys // BLOCK_SIZE, mask=first_keys < kv_end, other=0)
+        pdl_wait(USE_PDL)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     head = kv_head * GROUP + offs_m
     row_mask = offs_m < GROUP
     token = q_start.to(tl.int64)
-    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask[:, None], other=0.0)
+    q_ptrs = q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + (seq_len - 1)
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
-
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend_kv_range(
-        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start, kv_full, q_pos,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
-        False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend_kv_range(
-        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_full, kv_end, q_pos,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
-        True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+    if TABLE_BEFORE_WAIT:
+        # A loop of one iteration (none for an empty context), for the software pipeliner: it issues the copies
+        # of q, K and V together, one round trip for the three.
+        for start in range(kv_start, tl.minimum(kv_start + TILE_N, kv_end), TILE_N):
+            q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, first_block, kv_head, start, kv_end, q_pos,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+                True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+        if kv_end > kv_start + TILE_N:
+            q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+            acc, m_i, l_i = _attend_kv_range(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start + TILE_N, kv_full,
+                q_pos, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+                False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+            acc, m_i, l_i = _attend_kv_range(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+                tl.maximum(kv_full, kv_start + TILE_N), kv_end, q_pos,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+                True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+    else:
+        q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
+        acc, m_i, l_i = _attend_kv_range(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start, kv_full, q_pos,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+            False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+        acc, m_i, l_i = _attend_kv_range(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_full, kv_end, q_pos,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+            True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
 
     pdl_release_late(USE_PDL, RELEASE_EARLY)
     if active <= 1:
@@ -470,7 +539,7 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
                               counters: torch.Tensor | None = None, tile_n: int | None = None,
                               min_tiles: int | None = None, num_warps: int | None = None, num_stages: int = 2,
-                              prefetch: bool | None = None) -> torch.Tensor:
+                              prefetch: bool | None = None, table_before_wait: bool | None = None) -> torch.Tensor:
     """Flash-decoding over `num_splits` context segments for a batch where every q_len is 0 or 1.
 
     `counters`: int32, at least `num_seqs * num_kv_heads` zeros, which every launch leaves zero again, so one
@@ -478,6 +547,8 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     enough, a zeroed buffer is allocated for this call (a memset more). `tile_n` (keys per step), `min_tiles`
     (the fewest tiles in a split), `num_warps` and `num_stages` override the defaults (`SPLIT_KV_SHAPE`), for
     benchmarks. `prefetch` (default `PREFETCH_BEFORE_WAIT`): L2 prefetches before the PDL wait, where PDL is on.
+    `table_before_wait` (default `TABLE_BEFORE_WAIT`): the lengths and the first tile's block-table entries are read
+    before the PDL wait (without PDL the same code, in the same order, with no wait).
     """
     shapes = _shapes(q, k_cache, v_cache, query_start_loc)
     if shapes is None:
@@ -510,7 +581,8 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=max(16, triton.next_power_of_2(group)), SPLITS_P=triton.next_power_of_2(num_splits),
         TILE_N=tile_n, DOT_PRECISION=_dot_precision(q.dtype), ROW_BYTES=row_bytes, PREFETCH_KEYS=prefetch_keys,
-        MIN_TILES=min_tiles, num_warps=num_warps, num_stages=num_stages,
+        MIN_TILES=min_tiles, TABLE_BEFORE_WAIT=TABLE_BEFORE_WAIT if table_before_wait is None else table_before_wait,
+        num_warps=num_warps, num_stages=num_stages,
         **pdl_small_kernel_args(q.device, num_seqs * num_kv_heads * num_splits),
     )
     return out

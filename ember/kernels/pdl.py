@@ -16,7 +16,8 @@ else is waiting for.
 
 The rule every kernel launched with PDL follows: nothing written by an earlier kernel is read, and nothing at
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
-still reading). Two exceptions, used by `EMBER_ATTN_PREFETCH`:
+still reading). Two exceptions, used by `EMBER_ATTN_PREFETCH` (and the first by
+`EMBER_ATTN_TABLE_BEFORE_WAIT`):
 - Buffers written only by host-to-device copies (a step's lengths and block tables: `ModelRunner.device_inputs`,
   `DecodeGraphs.run`) may be read: PDL overlaps a kernel only with the kernel before it, never with a copy, so
   the copy completed before any kernel after it started. A kernel that ever wrote them (an on-device

@@ -44,8 +44,8 @@ ATTENTION_TYPES = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf
 def test_split_kv_prefetches_before_its_wait(prefetch_keys: int) -> None:
     lines = _ptx_lines(attention._split_kv_decode_kernel, ATTENTION_TYPES, dict(
         GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, SPLITS_P=16, TILE_N=128, DOT_PRECISION="tf32",
-        USE_PDL=True, RELEASE_EARLY=True, ROW_BYTES=256, PREFETCH_KEYS=prefetch_keys, MIN_TILES=2), num_warps=4,
-        num_stages=2)
+        USE_PDL=True, RELEASE_EARLY=True, ROW_BYTES=256, PREFETCH_KEYS=prefetch_keys, MIN_TILES=2,
+        TABLE_BEFORE_WAIT=False), num_warps=4, num_stages=2)
     wait = _first(lines, "griddepcontrol.wait")
     # Released as it starts (a short kernel), so the o_proj GEMV after it can start reading its weights.
     assert _first(lines, "griddepcontrol.launch_dependents") < wait

@@ -268,20 +268,23 @@ def test_decode_paths(cfg: Config, num_splits: int) -> None:
 SPLIT_KV_EDGES = ([1, 1, 0, 1, 1, 1, 1, 0, 1, 1], [1, 16, 0, 17, 48, 64, 65, 5, 100, 128])
 
 
-def _split_kv_launch(b: Batch, scale: float, counters: torch.Tensor | None, min_tiles: int = 2) -> torch.Tensor:
+def _split_kv_launch(b: Batch, scale: float, counters: torch.Tensor | None, min_tiles: int = 2,
+                     table_before_wait: bool = False) -> torch.Tensor:
     out = poisoned_like(b.q)
     split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
-                              b.meta.query_start_loc, scale, 4, counters=counters, tile_n=16, min_tiles=min_tiles)
+                              b.meta.query_start_loc, scale, 4, counters=counters, tile_n=16, min_tiles=min_tiles,
+                              table_before_wait=table_before_wait)
     return out
 
 
 # The interpreter runs the programs of a launch one after another, so these check the bookkeeping (which split
 # merges, the counter reset), not the races between concurrent splits: the GPU run of the same tests does.
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-@pytest.mark.parametrize("min_tiles", [2, 1])
-def test_split_kv_merge_and_counter_reset(cfg: Config, min_tiles: int) -> None:
+@pytest.mark.parametrize(("min_tiles", "table_before_wait"), [(2, False), (1, False), (2, True)])
+def test_split_kv_merge_and_counter_reset(cfg: Config, min_tiles: int, table_before_wait: bool) -> None:
     """The same launch twice on one counters buffer: each launch must leave its counters zero for the next. With
-    one-tile segments (`min_tiles` 1) the same contexts spread over more splits: 1, 1, -, 2, 3, 4, 3, -, 4, 4."""
+    one-tile segments (`min_tiles` 1) the same contexts spread over more splits: 1, 1, -, 2, 3, 4, 3, -, 4, 4.
+    `table_before_wait` takes each segment's first tile apart from the rest (`EMBER_ATTN_TABLE_BEFORE_WAIT`)."""
     _skip_interpreter_bf16(cfg.dtype)
     b = with_new_kv(make_batch(cfg, *SPLIT_KV_EDGES, seed=3))
     scale = cfg.head_dim ** -0.5
@@ -291,19 +294,21 @@ def test_split_kv_merge_and_counter_reset(cfg: Config, min_tiles: int) -> None:
     counters = torch.zeros(used + 8, dtype=torch.int32, device=DEVICE)
     counters[used:] = 7
     for _ in range(2):
-        assert_matches(_split_kv_launch(b, scale, counters, min_tiles), ref, cfg.dtype)
+        assert_matches(_split_kv_launch(b, scale, counters, min_tiles, table_before_wait), ref, cfg.dtype)
         assert counters[:used].eq(0).all() and counters[used:].eq(7).all()
     # A buffer too small for the batch is not used: the launch zeroes its own.
     small = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    assert_matches(_split_kv_launch(b, scale, small, min_tiles), ref, cfg.dtype)
+    assert_matches(_split_kv_launch(b, scale, small, min_tiles, table_before_wait), ref, cfg.dtype)
 
 
 @pytest.mark.skipif(INTERPRET, reason="bf16 at Llama shapes: compiled on a GPU")
 @pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4), (128, 1, 4),
                                                           (64, 1, 4)])
-def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int) -> None:
-    """`EMBER_ATTN_SPLIT_KV` shapes at Llama-3.1-8B shapes: batch-1 contexts at tile and segment edges, a
-    batch of several, and long contexts, with the split counts the engine uses at batch 1 and 8 and a few."""
+@pytest.mark.parametrize("table_before_wait", [False, True])
+def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int, table_before_wait: bool) -> None:
+    """`EMBER_ATTN_SPLIT_KV` shapes and `EMBER_ATTN_TABLE_BEFORE_WAIT` at Llama-3.1-8B shapes: batch-1 contexts at
+    tile and segment edges, a batch of several, and long contexts, with the split counts the engine uses at batch
+    1 and 8 and a few. (Nothing writes these inputs right before: the kernel before is no PDL kernel.)"""
     cfg = CONFIGS[0]
     scale = cfg.head_dim ** -0.5
     cases = [([1], [n]) for n in (1, 63, 64, 65, 127, 128, 129, 160, 255, 256, 257, 511, 513)]
@@ -315,7 +320,7 @@ def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int) -> None:
             out = poisoned_like(b.q)
             split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
                                       b.meta.query_start_loc, scale, splits, tile_n=keys, min_tiles=min_tiles,
-                                      num_warps=warps)
+                                      num_warps=warps, table_before_wait=table_before_wait)
             assert_matches(out, ref, cfg.dtype)
 
 

@@ -1,5 +1,6 @@
-"""`EMBER_ATTN_SPLIT_KV`: the split-KV launch shape, parsed, and compiled for sm_90 on this machine (the results
-on a GPU: tests/gpu/test_attention_kernels.py::test_split_kv_launch_shapes)."""
+"""The experimental split-KV variants, `EMBER_ATTN_SPLIT_KV` (launch shape) and `EMBER_ATTN_TABLE_BEFORE_WAIT`:
+the shape's parsing, and the sm_90 code Triton compiles for each on this machine, without a GPU. Their results
+on a GPU: tests/gpu/test_attention_kernels.py::test_split_kv_launch_shapes."""
 
 from __future__ import annotations
 
@@ -32,12 +33,11 @@ STRIDES = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "str
 HOPPER_SHARED_BYTES = 227 * 1024  # the most one block may take
 
 
-@pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4)])
-def test_split_kv_shapes_compile_for_sm90_within_its_shared_memory(keys: int, min_tiles: int, warps: int) -> None:
+def _compile(keys: int, min_tiles: int, warps: int, table_before_wait: bool) -> triton.compiler.CompiledKernel:
     fn = attention._split_kv_decode_kernel
     constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, SPLITS_P=32, TILE_N=keys,
                       DOT_PRECISION="tf32", USE_PDL=True, RELEASE_EARLY=True, ROW_BYTES=256, PREFETCH_KEYS=0,
-                      MIN_TILES=min_tiles)
+                      MIN_TILES=min_tiles, TABLE_BEFORE_WAIT=table_before_wait)
     names = fn.arg_names
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "fp32" if n == "scale_log2e" else "i32")
                  for n in names}
@@ -45,9 +45,31 @@ def test_split_kv_shapes_compile_for_sm90_within_its_shared_memory(keys: int, mi
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
     try:
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
     except FileNotFoundError as e:  # no ptxas beside this Triton
         pytest.skip(f"cannot assemble for sm_90 here: {e}")
+
+
+@pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4)])
+def test_split_kv_shapes_compile_for_sm90_within_its_shared_memory(keys: int, min_tiles: int, warps: int) -> None:
+    kernel = _compile(keys, min_tiles, warps, table_before_wait=False)
     assert 0 < kernel.metadata.shared <= HOPPER_SHARED_BYTES
     # K and V reach shared memory by asynchronous 16-byte copies.
     assert "cp.async.cg.shared.global" in kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("table_before_wait", [False, True])
+def test_the_block_table_is_read_before_the_wait_only_when_asked(table_before_wait: bool) -> None:
+    lines = _compile(128, 1, 4, table_before_wait).asm["ptx"].splitlines()
+    wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+    first_product = next(i for i, line in enumerate(lines) if "mma.sync" in line)
+    before = [line for line in lines[:wait] if "ld.global" in line]
+    # Before the wait: nothing written, and only int32 loads (lengths, block-table entries), never q, K or V.
+    assert not any(op in line for line in lines[:wait] for op in ("st.global", "atom.", "red."))
+    assert all("ld.global.b32 " in line for line in before)
+    # The lengths are 3 loads; the first tile's block-table entries add more only with the option.
+    assert (len(before) > 3) == table_before_wait
+    # With it, the first tile's K and V copies start after the wait with no block-table load in between.
+    between = lines[wait:first_product]
+    assert any("cp.async.cg.shared.global" in line for line in between)
+    assert any("ld.global.b32 " in line for line in between) != table_before_wait
