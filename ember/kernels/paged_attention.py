@@ -352,7 +352,8 @@ def _split_kv_decode_kernel(
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     if TABLE_BEFORE_WAIT:
         # The lengths and the block table are host copies (`ember.kernels.pdl`): read while the kernel ahead
-        # finishes, so that after the wait the first tile has only q, K and V to load.
+        # finishes, so that after the wait the first tile has only q (an L2 hit: the kernel ahead just wrote it),
+        # then its K and V to load.
         first_keys = kv_start + tl.arange(0, TILE_N)
         first_block = tl.load(block_table_ptr + first_keys // BLOCK_SIZE, mask=first_keys < kv_end, other=0)
         pdl_wait(USE_PDL)
@@ -362,22 +363,21 @@ def _split_kv_decode_kernel(
     head = kv_head * GROUP + offs_m
     row_mask = offs_m < GROUP
     token = q_start.to(tl.int64)
-    q_ptrs = q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + token * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask[:, None], other=0.0)
     q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + (seq_len - 1)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if TABLE_BEFORE_WAIT:
         # A loop of one iteration (none for an empty context), for the software pipeliner: it issues the copies
-        # of q, K and V together, one round trip for the three.
+        # of K and V together, one round trip for both (outside a loop V's load would wait for K's data).
         for start in range(kv_start, tl.minimum(kv_start + TILE_N, kv_end), TILE_N):
-            q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, first_block, kv_head, start, kv_end, q_pos,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
                 True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
         if kv_end > kv_start + TILE_N:
-            q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
             acc, m_i, l_i = _attend_kv_range(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start + TILE_N, kv_full,
                 q_pos, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
@@ -388,7 +388,6 @@ def _split_kv_decode_kernel(
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
                 True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
     else:
-        q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0)
         acc, m_i, l_i = _attend_kv_range(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start, kv_full, q_pos,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
