@@ -37,8 +37,9 @@ from ember.kernels.paged_attention import (  # noqa: E402
 
 DTYPE = torch.bfloat16
 # (keys per step, warps, pipeline stages, fewest tiles in a split: split-KV only, `EMBER_ATTN_SPLIT_KV`)
+# (From 5 stages Triton 3.6 double-buffers K/V in these loops: tests/attention/test_split_kv_variants.py.)
 TILE_SHAPES = [(64, 4, 3, 2), (128, 4, 2, 2), (128, 8, 2, 2), (256, 8, 2, 2), (128, 4, 2, 1), (256, 8, 2, 1),
-               (256, 4, 2, 1)]
+               (256, 4, 2, 1), (64, 4, 5, 2), (128, 4, 5, 2)]
 PREFILL = [(0, 1024), (0, 4096), (3584, 512)]  # (cached prefix, chunk)
 # (rows per tile, keys per step, warps, stages) tried besides the default for prefill
 PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 2)]

@@ -50,20 +50,26 @@ PREFETCH_BEFORE_WAIT = ATTENTION_PREFETCH
 SCATTER_TILES = os.environ.get("EMBER_ATTN_SCATTER", "0") == "1"
 
 
-def _split_kv_shape(spec: str | None) -> tuple[int | None, int, int]:
-    """`EMBER_ATTN_SPLIT_KV=KEYS,MIN_TILES,WARPS` (experimental, unset: up to 128 keys a tile, 2, 4): the split-KV
-    launch shape. At batch 1 a short context is one or two tiles, each tile a chain of dependent loads (block
-    table, then K and V) before its products; e.g. `256,1,8` reads up to 256 keys in one tile, one chain, and a
-    context needs as many programs as it has such tiles."""
+def _split_kv_shape(spec: str | None) -> tuple[int | None, int, int, int]:
+    """`EMBER_ATTN_SPLIT_KV=KEYS,MIN_TILES,WARPS[,STAGES]` (experimental, unset: up to 128 keys a tile, 2, 4, 2): the
+    split-KV launch shape. At batch 1 a short context is one or two tiles, each tile a chain of dependent loads
+    (block table, then K and V) before its products; e.g. `256,1,8` reads up to 256 keys in one tile, one chain,
+    and a context needs as many programs as it has such tiles. With Triton 3.6 a loop over tiles gets a second K/V
+    buffer (the next tile's copies in flight during this one's products) from 5 stages on, not at 2 to 4."""
     if not spec:
-        return None, 2, 4
+        return None, 2, 4, 2
+    fields = spec.split(",")
     try:
-        keys, min_tiles, warps = (int(x) for x in spec.split(","))
+        if len(fields) not in (3, 4):
+            raise ValueError
+        keys, min_tiles, warps, stages = (int(x) for x in fields + ["2"] * (4 - len(fields)))
     except ValueError:
-        raise ValueError(f"EMBER_ATTN_SPLIT_KV={spec!r}: expected KEYS,MIN_TILES,WARPS, e.g. 256,1,8") from None
-    if keys < 16 or keys & (keys - 1) or min_tiles < 1 or warps not in (1, 2, 4, 8):
-        raise ValueError(f"EMBER_ATTN_SPLIT_KV={spec!r}: KEYS a power of 2 from 16, MIN_TILES >= 1, WARPS 1/2/4/8")
-    return keys, min_tiles, warps
+        raise ValueError(f"EMBER_ATTN_SPLIT_KV={spec!r}: expected KEYS,MIN_TILES,WARPS[,STAGES], e.g. 256,1,8"
+                         ) from None
+    if keys < 16 or keys & (keys - 1) or min_tiles < 1 or warps not in (1, 2, 4, 8) or not 1 <= stages <= 8:
+        raise ValueError(f"EMBER_ATTN_SPLIT_KV={spec!r}: KEYS a power of 2 from 16, MIN_TILES >= 1, WARPS 1/2/4/8, "
+                         "STAGES 1 to 8")
+    return keys, min_tiles, warps, stages
 
 
 SPLIT_KV_SHAPE = _split_kv_shape(os.environ.get("EMBER_ATTN_SPLIT_KV"))
@@ -537,7 +543,8 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               out: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               query_start_loc: torch.Tensor, scale: float, num_splits: int, *,
                               counters: torch.Tensor | None = None, tile_n: int | None = None,
-                              min_tiles: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                              min_tiles: int | None = None, num_warps: int | None = None,
+                              num_stages: int | None = None,
                               prefetch: bool | None = None, table_before_wait: bool | None = None) -> torch.Tensor:
     """Flash-decoding over `num_splits` context segments for a batch where every q_len is 0 or 1.
 
@@ -555,10 +562,11 @@ def split_kv_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     num_heads, head_dim, num_kv_heads, num_seqs = shapes
     group = num_heads // num_kv_heads
     assert 1 <= num_splits <= MAX_SPLITS
-    shape_keys, shape_min_tiles, shape_warps = SPLIT_KV_SHAPE
+    shape_keys, shape_min_tiles, shape_warps, shape_stages = SPLIT_KV_SHAPE
     tile_n = tile_n or shape_keys or _tile_n(q, k_cache, 128)
     min_tiles = min_tiles or shape_min_tiles
     num_warps = num_warps or shape_warps
+    num_stages = num_stages or shape_stages
     # Partials in fp32: [seq, head, split, dim] and the log2-sum-exp of each split's scores.
     part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)

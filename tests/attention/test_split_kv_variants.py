@@ -15,10 +15,11 @@ from ember.kernels import paged_attention as attention  # noqa: E402
 
 
 def test_unset_keeps_the_default_shape_and_bad_specs_say_what_is_expected() -> None:
-    assert attention._split_kv_shape(None) == (None, 2, 4)
-    assert attention._split_kv_shape("") == (None, 2, 4)
-    assert attention._split_kv_shape("256,1,8") == (256, 1, 8)
-    for bad in ("256", "256,1", "100,1,4", "256,0,4", "256,1,3", "a,b,c"):
+    assert attention._split_kv_shape(None) == (None, 2, 4, 2)
+    assert attention._split_kv_shape("") == (None, 2, 4, 2)
+    assert attention._split_kv_shape("256,1,8") == (256, 1, 8, 2)
+    assert attention._split_kv_shape("64,2,4,5") == (64, 2, 4, 5)
+    for bad in ("256", "256,1", "100,1,4", "256,0,4", "256,1,3", "a,b,c", "64,2,4,0", "64,2,4,5,1"):
         with pytest.raises(ValueError, match="EMBER_ATTN_SPLIT_KV"):
             attention._split_kv_shape(bad)
 
@@ -33,7 +34,8 @@ STRIDES = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "str
 HOPPER_SHARED_BYTES = 227 * 1024  # the most one block may take
 
 
-def _compile(keys: int, min_tiles: int, warps: int, table_before_wait: bool) -> triton.compiler.CompiledKernel:
+def _compile(keys: int, min_tiles: int, warps: int, table_before_wait: bool,
+             stages: int = 2) -> triton.compiler.CompiledKernel:
     fn = attention._split_kv_decode_kernel
     constexprs = dict(GROUP=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, SPLITS_P=32, TILE_N=keys,
                       DOT_PRECISION="tf32", USE_PDL=True, RELEASE_EARLY=True, ROW_BYTES=256, PREFETCH_KEYS=0,
@@ -45,7 +47,7 @@ def _compile(keys: int, min_tiles: int, warps: int, table_before_wait: bool) -> 
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
                     attrs=attrs)
     try:
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=2))
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
     except FileNotFoundError as e:  # no ptxas beside this Triton
         pytest.skip(f"cannot assemble for sm_90 here: {e}")
 
@@ -73,3 +75,13 @@ def test_the_block_table_is_read_before_the_wait_only_when_asked(table_before_wa
     between = lines[wait:first_product]
     assert any("cp.async.cg.shared.global" in line for line in between)
     assert any("ld.global.b32 " in line for line in between) != table_before_wait
+
+
+@pytest.mark.parametrize(("stages", "buffers"), [(2, 1), (4, 1), (5, 2)])
+def test_the_loop_over_tiles_double_buffers_k_and_v_from_5_stages(stages: int, buffers: int) -> None:
+    """Why `EMBER_ATTN_SPLIT_KV` takes STAGES: with Triton 3.6 the paged loop (a block-table load, then K and V
+    through it) keeps one tile of K and V in shared memory up to 4 stages and two from 5. If Triton changes
+    this, the docs' account of the decode loop (and the stages worth sweeping) must change with it."""
+    ttgir = _compile(64, 2, 4, False, stages).asm["ttgir"]
+    assert f"!ttg.memdesc<{buffers}x64x128xbf16" in ttgir
+    assert f"!ttg.memdesc<{buffers + 1}x64x128xbf16" not in ttgir

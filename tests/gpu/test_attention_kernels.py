@@ -302,10 +302,10 @@ def test_split_kv_merge_and_counter_reset(cfg: Config, min_tiles: int, table_bef
 
 
 @pytest.mark.skipif(INTERPRET, reason="bf16 at Llama shapes: compiled on a GPU")
-@pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4), (128, 1, 4),
-                                                          (64, 1, 4)])
+@pytest.mark.parametrize(("keys", "min_tiles", "warps", "stages"), [
+    (128, 2, 4, 2), (256, 1, 8, 2), (256, 1, 4, 2), (128, 1, 4, 2), (64, 1, 4, 2), (64, 2, 4, 5), (128, 2, 4, 5)])
 @pytest.mark.parametrize("table_before_wait", [False, True])
-def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int, table_before_wait: bool) -> None:
+def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int, stages: int, table_before_wait: bool) -> None:
     """`EMBER_ATTN_SPLIT_KV` shapes and `EMBER_ATTN_TABLE_BEFORE_WAIT` at Llama-3.1-8B shapes: batch-1 contexts at
     tile and segment edges, a batch of several, and long contexts, with the split counts the engine uses at batch
     1 and 8 and a few. (Nothing writes these inputs right before: the kernel before is no PDL kernel.)"""
@@ -320,7 +320,7 @@ def test_split_kv_launch_shapes(keys: int, min_tiles: int, warps: int, table_bef
             out = poisoned_like(b.q)
             split_kv_decode_attention(b.q, b.k_cache, b.v_cache, out, b.meta.block_tables, b.meta.seq_lens,
                                       b.meta.query_start_loc, scale, splits, tile_n=keys, min_tiles=min_tiles,
-                                      num_warps=warps, table_before_wait=table_before_wait)
+                                      num_warps=warps, num_stages=stages, table_before_wait=table_before_wait)
             assert_matches(out, ref, cfg.dtype)
 
 
