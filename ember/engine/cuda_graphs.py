@@ -244,7 +244,9 @@ class DecodeGraphs:
         lens[:b], lens[b:size] = batch.seq_lens, 1
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
-        # A copy, never a kernel (see _copy_inputs); only the columns in use.
+        # Only the columns in use. One row (batch 1) is one contiguous copy; for more rows torch stages the strided
+        # copy through a temporary and a copy kernel. Either way it completes before the replay's first kernel,
+        # so attention may read the tables before its PDL wait (`ember.kernels.pdl`).
         self.block_tables[:b, :width].copy_(host_bt[:b, :width], non_blocking=True)
         self.host_tokens = None
         graph = self._graphs_of(turn, size).get(size)

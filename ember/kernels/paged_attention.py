@@ -55,7 +55,8 @@ def _split_kv_shape(spec: str | None) -> tuple[int | None, int, int, int]:
     split-KV launch shape. At batch 1 a short context is one or two tiles, each tile a chain of dependent loads
     (block table, then K and V) before its products; e.g. `256,1,8` reads up to 256 keys in one tile, one chain,
     and a context needs as many programs as it has such tiles. With Triton 3.6 a loop over tiles gets a second K/V
-    buffer (the next tile's copies in flight during this one's products) from 5 stages on, not at 2 to 4."""
+    buffer (the next tile's copies in flight during this one's products) from 5 stages on, not at 2 to 4; with bf16
+    and head_dim 128 that fits a Hopper block's shared memory up to 128 keys (Triton refuses larger launches)."""
     if not spec:
         return None, 2, 4, 2
     fields = spec.split(",")
@@ -377,8 +378,9 @@ def _split_kv_decode_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if TABLE_BEFORE_WAIT:
         # A loop of one iteration (none for an empty context), for the software pipeliner: it issues the copies
-        # of K and V together, one round trip for both (outside a loop V's load would wait for K's data).
-        for start in range(kv_start, tl.minimum(kv_start + TILE_N, kv_end), TILE_N):
+        # of K and V together, one round trip for both (outside a loop V's load would wait for K's data). Two
+        # stages: one buffer, whatever the kernel's stages (more would add buffers to those of the loops below).
+        for start in tl.range(kv_start, tl.minimum(kv_start + TILE_N, kv_end), TILE_N, num_stages=2):
             acc, m_i, l_i = _attend_tile(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, first_block, kv_head, start, kv_end, q_pos,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,

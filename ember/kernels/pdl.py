@@ -18,10 +18,10 @@ The rule every kernel launched with PDL follows: nothing written by an earlier k
 all is written, before `pdl_wait` (the caching allocator may hand this kernel memory that the one before is
 still reading). Two exceptions, used by `EMBER_ATTN_PREFETCH` (and the first by
 `EMBER_ATTN_TABLE_BEFORE_WAIT`):
-- Buffers written only by host-to-device copies (a step's lengths and block tables: `ModelRunner.device_inputs`,
-  `DecodeGraphs.run`) may be read: PDL overlaps a kernel only with the kernel before it, never with a copy, so
-  the copy completed before any kernel after it started. A kernel that ever wrote them (an on-device
-  `seq_lens += 1`) would end this.
+- Buffers written only before the step's forward begins (a step's lengths and block tables, by host-to-device
+  copies and, for strided tables, torch's copy kernel: `ModelRunner.device_inputs`, `DecodeGraphs.run`) may be
+  read: the forward's first kernel is an ordinary launch, so all of that has completed before any PDL kernel
+  of the step starts. A kernel inside the forward that wrote them (an on-device `seq_lens += 1`) would end this.
 - An L2 prefetch reads nothing into the kernel, and L2 is where writes land, so it may name memory an earlier
   kernel is still writing. Its address must still be in bounds and 16-byte aligned (a bulk prefetch to an
   unmapped address is not documented as harmless).

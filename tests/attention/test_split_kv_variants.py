@@ -4,6 +4,8 @@ on a GPU: tests/gpu/test_attention_kernels.py::test_split_kv_launch_shapes."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -34,6 +36,7 @@ STRIDES = ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_kb", "str
 HOPPER_SHARED_BYTES = 227 * 1024  # the most one block may take
 
 
+@functools.cache  # one compile (~1 s) per combination across the tests
 def _compile(keys: int, min_tiles: int, warps: int, table_before_wait: bool,
              stages: int = 2) -> triton.compiler.CompiledKernel:
     fn = attention._split_kv_decode_kernel
@@ -52,12 +55,25 @@ def _compile(keys: int, min_tiles: int, warps: int, table_before_wait: bool,
         pytest.skip(f"cannot assemble for sm_90 here: {e}")
 
 
-@pytest.mark.parametrize(("keys", "min_tiles", "warps"), [(128, 2, 4), (256, 1, 8), (256, 1, 4)])
-def test_split_kv_shapes_compile_for_sm90_within_its_shared_memory(keys: int, min_tiles: int, warps: int) -> None:
-    kernel = _compile(keys, min_tiles, warps, table_before_wait=False)
+# The largest buffers of the combinations the GPU tests and the prepared runs use (MIN_TILES and the warps change
+# no buffer).
+@pytest.mark.parametrize(("keys", "min_tiles", "warps", "stages", "table_before_wait"), [
+    (128, 2, 4, 2, False), (256, 1, 8, 2, False), (64, 2, 4, 5, False), (256, 1, 8, 2, True), (128, 2, 4, 5, True)])
+def test_split_kv_shapes_compile_for_sm90_within_its_shared_memory(keys: int, min_tiles: int, warps: int,
+                                                                   stages: int, table_before_wait: bool) -> None:
+    kernel = _compile(keys, min_tiles, warps, table_before_wait, stages)
     assert 0 < kernel.metadata.shared <= HOPPER_SHARED_BYTES
+    # The first tile's one-iteration loop keeps a single buffer whatever the stages: no more shared memory.
+    if table_before_wait:
+        assert kernel.metadata.shared == _compile(keys, min_tiles, warps, False, stages).metadata.shared
     # K and V reach shared memory by asynchronous 16-byte copies.
     assert "cp.async.cg.shared.global" in kernel.asm["ptx"]
+
+
+def test_256_key_tiles_double_buffered_do_not_fit() -> None:
+    """The limit `_split_kv_shape` documents: two buffers of 256 bf16 keys of K and V are 256 KiB, over what a
+    Hopper block may take (Triton refuses the launch)."""
+    assert _compile(256, 1, 8, False, 5).metadata.shared > HOPPER_SHARED_BYTES
 
 
 @pytest.mark.parametrize("table_before_wait", [False, True])
@@ -66,15 +82,18 @@ def test_the_block_table_is_read_before_the_wait_only_when_asked(table_before_wa
     wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
     first_product = next(i for i, line in enumerate(lines) if "mma.sync" in line)
     before = [line for line in lines[:wait] if "ld.global" in line]
-    # Before the wait: nothing written, and only int32 loads (lengths, block-table entries), never q, K or V.
+    # Before the wait: nothing written, and only scalar int32 loads (lengths, block-table entries), never q, K or V.
     assert not any(op in line for line in lines[:wait] for op in ("st.global", "atom.", "red."))
     assert all("ld.global.b32 " in line for line in before)
-    # The lengths are 3 loads; the first tile's block-table entries add more only with the option.
-    assert (len(before) > 3) == table_before_wait
-    # With it, the first tile's K and V copies start after the wait with no block-table load in between.
+    # The lengths are 3 loads and the first tile's block-table entries more; without the option, none at all.
+    assert len(before) > 3 if table_before_wait else not before
+    # After the wait, up to the first product: the first tile's K and V copies; the lengths and block table too
+    # (scalar int32 loads) only without the option. q, bf16, comes in 16-byte vectors either way.
     between = lines[wait:first_product]
     assert any("cp.async.cg.shared.global" in line for line in between)
-    assert any("ld.global.b32 " in line for line in between) != table_before_wait
+    assert any("ld.global.v4.b32 " in line for line in between)
+    scalar = [line for line in between if "ld.global.b32 " in line]
+    assert not scalar if table_before_wait else len(scalar) > 3
 
 
 @pytest.mark.parametrize(("stages", "buffers"), [(2, 1), (4, 1), (5, 2)])

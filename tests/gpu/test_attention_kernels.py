@@ -279,8 +279,9 @@ def _split_kv_launch(b: Batch, scale: float, counters: torch.Tensor | None, min_
 
 # The interpreter runs the programs of a launch one after another, so these check the bookkeeping (which split
 # merges, the counter reset), not the races between concurrent splits: the GPU run of the same tests does.
-@pytest.mark.parametrize("cfg", CONFIGS, ids=str)
-@pytest.mark.parametrize(("min_tiles", "table_before_wait"), [(2, False), (1, False), (2, True)])
+# The variants on one config of each kind (the interpreter runs fp32 only, and slowly).
+@pytest.mark.parametrize(("cfg", "min_tiles", "table_before_wait"), [(c, 2, False) for c in CONFIGS] + [
+    (c, *variant) for c in (CONFIGS[0], CONFIGS[4]) for variant in ((1, False), (2, True), (1, True))], ids=str)
 def test_split_kv_merge_and_counter_reset(cfg: Config, min_tiles: int, table_before_wait: bool) -> None:
     """The same launch twice on one counters buffer: each launch must leave its counters zero for the next. With
     one-tile segments (`min_tiles` 1) the same contexts spread over more splits: 1, 1, -, 2, 3, 4, 3, -, 4, 4.
