@@ -208,6 +208,8 @@ def test_paged_attention_with_scattered_tiles(cfg: Config) -> None:
     from ember.kernels.paged_attention import _scatter_stride
 
     _skip_interpreter_bf16(cfg.dtype)
+    if INTERPRET and cfg != CONFIGS[3]:
+        pytest.skip("in the interpreter (CI) one config: the option is off by default and its order is exercised alike")
     for slots in (1, 2, 10, 12, 97, 4400):
         stride = _scatter_stride(slots)
         assert sorted(i * stride % slots for i in range(slots)) == list(range(slots))
