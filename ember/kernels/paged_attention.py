@@ -131,43 +131,6 @@ def _attend_kv_range(
 
 
 @triton.jit
-def _tile_rows(k_cache_ptr, v_cache_ptr, block, kv_head, kpos,
-               stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, BLOCK_SIZE: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
-    """Pointers to the K and V rows [TILE_N, HEAD_DIM] of keys `kpos`, whose cache blocks `block` holds."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    block = block.to(tl.int64)
-    in_block = kpos % BLOCK_SIZE
-    k_off = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
-    v_off = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
-    return k_cache_ptr + k_off[:, None] + offs_d[None, :], v_cache_ptr + v_off[:, None] + offs_d[None, :]
-
-
-@triton.jit
-def _load_rows(ptrs, kmask, MASK: tl.constexpr):
-    if MASK:
-        return tl.load(ptrs, mask=kmask[:, None], other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _softmax_step(q, k, m_i, l_i, kpos, kv_end, q_pos, scale_log2e, MASK: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """The scores of one tile and the online softmax over them: (p, alpha, m_new, l_i)."""
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
-    if MASK:
-        visible = (kpos[None, :] < kv_end) & (kpos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 off NaN.
-    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_sub)
-    p = tl.exp2(s - m_sub[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
 def _attend_tile(
     q, acc, m_i, l_i,
     k_cache_ptr, v_cache_ptr, block, kv_head, start, kv_end, q_pos,
@@ -179,13 +142,31 @@ def _attend_tile(
     """The online-softmax update with keys [start, start + TILE_N), whose cache blocks `block` holds (one entry a
     key, from the block table; under MASK, keys from kv_end on are left out whatever their entry). V is loaded
     after the scores: in a pipelined loop the copies of both are in flight anyway."""
+    offs_d = tl.arange(0, HEAD_DIM)
     kpos = start + tl.arange(0, TILE_N)
-    k_ptrs, v_ptrs = _tile_rows(k_cache_ptr, v_cache_ptr, block, kv_head, kpos, stride_kb, stride_ks, stride_kh,
-                                stride_vb, stride_vs, stride_vh, BLOCK_SIZE, HEAD_DIM)
-    kmask = kpos < kv_end
-    k = _load_rows(k_ptrs, kmask, MASK)
-    p, alpha, m_new, l_i = _softmax_step(q, k, m_i, l_i, kpos, kv_end, q_pos, scale_log2e, MASK, DOT_PRECISION)
-    v = _load_rows(v_ptrs, kmask, MASK)
+    block = block.to(tl.int64)
+    in_block = kpos % BLOCK_SIZE
+    k_off = block * stride_kb + in_block * stride_ks + kv_head * stride_kh
+    v_off = block * stride_vb + in_block * stride_vs + kv_head * stride_vh
+    if MASK:
+        kmask = kpos < kv_end
+        k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if MASK:
+        visible = kmask[None, :] & (kpos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; subtracting 0 instead keeps exp2 off NaN.
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK:
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :])
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -376,6 +357,7 @@ def _split_kv_decode_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rest_from = kv_start
     if TABLE_BEFORE_WAIT:
         # A loop of one iteration (none for an empty context), for the software pipeliner: it issues the copies
         # of K and V together, one round trip for both (outside a loop V's load would wait for K's data). Two
@@ -385,25 +367,16 @@ def _split_kv_decode_kernel(
                 q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, first_block, kv_head, start, kv_end, q_pos,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
                 True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
-        if kv_end > kv_start + TILE_N:
-            acc, m_i, l_i = _attend_kv_range(
-                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start + TILE_N, kv_full,
-                q_pos, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
-                False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
-            acc, m_i, l_i = _attend_kv_range(
-                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
-                tl.maximum(kv_full, kv_start + TILE_N), kv_end, q_pos,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
-                True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
-    else:
-        acc, m_i, l_i = _attend_kv_range(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_start, kv_full, q_pos,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
-            False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
-        acc, m_i, l_i = _attend_kv_range(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, kv_full, kv_end, q_pos,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
-            True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+        rest_from = kv_start + TILE_N  # past kv_end for a one-tile segment: both loops below are then empty
+    tail_from = tl.maximum(kv_full, rest_from) if TABLE_BEFORE_WAIT else kv_full
+    acc, m_i, l_i = _attend_kv_range(
+        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, rest_from, kv_full, q_pos,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+        False, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend_kv_range(
+        q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head, tail_from, kv_end, q_pos,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2e,
+        True, BLOCK_SIZE, HEAD_DIM, TILE_N, DOT_PRECISION)
 
     pdl_release_late(USE_PDL, RELEASE_EARLY)
     if active <= 1:
