@@ -93,6 +93,8 @@ def test_gemv_rotary_store_kv_matches_the_unfused_path(dtype: torch.dtype, heads
     n = (heads + 2 * kv_heads) * head_dim
     if DEVICE == "cpu" and n * k > 1 << 20:
         pytest.skip("large shapes run compiled on a GPU; the interpreter is slow")
+    if DEVICE == "cpu" and heads != kv_heads and not (norm and bias):
+        pytest.skip("in the interpreter the grouped-heads shape with norm and bias; each option on the small shape")
     x, w, b = _inputs(n, k, dtype, bias, heads + k)
     rot = RotaryEmbedding(head_dim, 2048, 500000.0)
     rot.build_cache(DEVICE)
