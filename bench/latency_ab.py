@@ -7,8 +7,9 @@ Each run is a fresh process (the options are read when ember is imported or the 
 variants in reversed order every other round, so that a drift of the card's clock or temperature over the call
 falls on every variant alike. `base` (no variables set) always runs. Without `--variant` the batch-1 options
 that are off by default are compared: `EMBER_GRAPH_COPIES_MAX_BATCH=8`, `EMBER_ATTN_SPLIT_KV=256,1,8`,
-`EMBER_ATTN_TABLE_BEFORE_WAIT=1`, and all three. `--deadline` (seconds from the start) skips each run after the
-first that would end after it, judged by the longest run so far, so a device call ends inside its limit.
+`EMBER_ATTN_TABLE_BEFORE_WAIT=1`, and all three. Every variable any variant sets is removed from the inherited
+environment first. `--deadline` (seconds from the start) leaves the first run whole, then skips each run that
+would pass it, judged by the longest run so far, and stops one that does; the JSON is written after every run.
 
 Prints each run's TPOT and roofline percentage, then per variant the median TPOT and its change from `base`.
 """
@@ -71,14 +72,24 @@ def summarize(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, An
     return out
 
 
-def _run_one(name: str, env: dict[str, str], bench_args: list[str], out_json: Path) -> dict[str, Any]:
+def run_env(env: dict[str, str], compared: set[str]) -> dict[str, str]:
+    """The shell's environment without any variable a variant sets, so that `base` runs without them all, plus
+    this run's own."""
+    return {k: v for k, v in os.environ.items() if k not in compared} | env
+
+
+def _run_one(name: str, env: dict[str, str], compared: set[str], bench_args: list[str], out_json: Path,
+             timeout: float | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "ember", "bench", "latency", *bench_args, "--output-json", str(out_json)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
-    record: dict[str, Any] = {"variant": name, "env": env, "wall_s": time.monotonic() - t0}
+    record: dict[str, Any] = {"variant": name, "env": env}
+    try:
+        proc = subprocess.run(cmd, env=run_env(env, compared), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return record | {"wall_s": time.monotonic() - t0, "error": f"stopped at the deadline after {timeout:.0f} s"}
+    record["wall_s"] = time.monotonic() - t0
     if proc.returncode != 0 or not out_json.exists():
-        record["error"] = (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()
-        return record
+        return record | {"error": (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()}
     return record | json.loads(out_json.read_text())
 
 
@@ -92,16 +103,23 @@ def main() -> int:
     ap.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: the arguments of ember bench latency")
     args = ap.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
-    variants = {"base": {}} | (dict(args.variant) if args.variant else DEFAULT_VARIANTS)
+    given = args.variant or list(DEFAULT_VARIANTS.items())
+    names = [n for n, _ in given]
+    if "base" in names or len(set(names)) != len(names):
+        ap.error(f"variant names must be distinct and not 'base' (it always runs, with none set): {names}")
+    variants = {"base": {}} | dict(given)
     names = list(variants)
+    compared = {k for env in variants.values() for k in env}
     start, longest = time.monotonic(), 0.0
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(schedule(names, args.rounds)):
-            if args.deadline is not None and runs and time.monotonic() - start + longest > args.deadline:
+            left = None if args.deadline is None else args.deadline - (time.monotonic() - start)
+            if left is not None and runs and longest > left:
                 print(f"skipped {name} (run {i + 1}): the deadline", flush=True)
                 continue
-            rec = _run_one(name, variants[name], bench_args, Path(tmp) / f"run{i}.json")
+            rec = _run_one(name, variants[name], compared, bench_args, Path(tmp) / f"run{i}.json",
+                           None if left is None or not runs else max(left, 1.0))
             longest = max(longest, rec["wall_s"])
             runs.append(rec)
             if "error" in rec:
@@ -109,13 +127,13 @@ def main() -> int:
             else:
                 print(f"{name:10s} TPOT {rec['tpot_ms']:.3f} ms  {rec['pct_of_roofline']:.1f} % of the roofline "
                       f"({rec['bandwidth_gb_s']:.0f} GB/s)  {rec['wall_s']:.0f} s", flush=True)
+            if args.json:  # after every run: a device call stopped at its limit keeps what ran
+                Path(args.json).write_text(json.dumps({"runs": runs, "summary": summarize(runs, names)}, indent=1))
     summary = summarize(runs, names)
     for s in summary:
         med = "—" if s["median_tpot_ms"] is None else f"{s['median_tpot_ms']:.3f} ms"
         change = "" if s["change_from_base_pct"] is None else f"  {s['change_from_base_pct']:+.2f} %"
         print(f"{s['variant']:10s} median {med}{change}  runs {', '.join(f'{t:.3f}' for t in s['tpot_ms'])}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
     return 0 if runs and all("error" not in r for r in runs) else 1
 
 
