@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ATTENTION = ("paged_attention_matches_reference or decode_paths or split_kv_merge_and_counter_reset "
              "or paged_attention_with_scattered_tiles "
              "or store_kv_matches_reference or backend_forward_matches_torch_backend or split_kv_persistent")
+# The interpreter runs a launch's programs one after another: 300 tokens took 28 s, 37 take 4.
 ROTARY = [f"tests/gpu/test_fused_kernels.py::test_rotary_store_kv_matches_torch[{case}]"
-          for case in ("9-3-64-37-dtype0", "32-8-128-1-dtype0", "4-4-64-300-dtype0")]
+          for case in ("9-3-64-37-dtype0", "32-8-128-1-dtype0", "4-4-64-37-dtype0")]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/gpu runs these kernels compiled")
