@@ -82,12 +82,13 @@ def _run_one(name: str, env: dict[str, str], compared: set[str], bench_args: lis
              timeout: float | None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "ember", "bench", "latency", *bench_args, "--output-json", str(out_json)]
     t0 = time.monotonic()
-    record: dict[str, Any] = {"variant": name, "env": env}
     try:
         proc = subprocess.run(cmd, env=run_env(env, compared), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return record | {"wall_s": time.monotonic() - t0, "error": f"stopped at the deadline after {timeout:.0f} s"}
-    record["wall_s"] = time.monotonic() - t0
+        proc = None
+    record: dict[str, Any] = {"variant": name, "env": env, "wall_s": time.monotonic() - t0}
+    if proc is None:
+        return record | {"error": f"stopped at the deadline after {timeout:.0f} s"}
     if proc.returncode != 0 or not out_json.exists():
         return record | {"error": (proc.stdout[-1500:] + proc.stderr[-2500:]).strip()}
     return record | json.loads(out_json.read_text())
@@ -104,9 +105,9 @@ def main() -> int:
     args = ap.parse_args()
     bench_args = args.bench_args[1:] if args.bench_args[:1] == ["--"] else args.bench_args
     given = args.variant or list(DEFAULT_VARIANTS.items())
-    names = [n for n, _ in given]
-    if "base" in names or len(set(names)) != len(names):
-        ap.error(f"variant names must be distinct and not 'base' (it always runs, with none set): {names}")
+    given_names = [n for n, _ in given]
+    if "base" in given_names or len(set(given_names)) != len(given_names):
+        ap.error(f"variant names must be distinct and not 'base' (it always runs, with none set): {given_names}")
     variants = {"base": {}} | dict(given)
     names = list(variants)
     compared = {k for env in variants.values() for k in env}
