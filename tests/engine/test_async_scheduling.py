@@ -52,17 +52,34 @@ def prompts(smol_llm):
     return [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
 
 
+@pytest.fixture(scope="module")
+def sync_mixed(make_llm, prompts):
+    """The synchronous engine's summary of `prompts` under `_mixed_params()` for the given engine options: the
+    reference several tests compare with, computed once per set of options."""
+    cache: dict[str, list] = {}
+
+    def get(**kw):
+        key = repr(sorted(kw.items()))
+        if key not in cache:
+            sync = make_llm(async_scheduling=False, **kw)
+            cache[key] = _summary(sync.generate(prompts, _mixed_params()))
+            _assert_no_leak(sync)
+        return cache[key]
+
+    return get
+
+
 def _mixed_params() -> list[SamplingParams]:
     """Different lengths (some end by EOS, some by length), stop strings, n > 1, seeds, a min_tokens row, a
     penalised row (never queued ahead) and a long prompt."""
     return [
-        SamplingParams(temperature=0, max_tokens=40),
+        SamplingParams(temperature=0, max_tokens=28),
         SamplingParams(temperature=0, max_tokens=7, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=30, stop=[","]),
         SamplingParams(temperature=0.8, seed=3, max_tokens=25, n=2),
         SamplingParams(temperature=0, max_tokens=1),
         SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=11, max_tokens=20, min_tokens=12),
-        SamplingParams(temperature=0, max_tokens=33, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=26, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=6, presence_penalty=0.5, ignore_eos=True),
     ]
 
@@ -118,10 +135,8 @@ def _spy_launches(llm: LLM) -> list[Launch]:
     # Few sequences at a time: requests are admitted (prefix-cache hits, chunks) while others decode.
     {"block_size": 4, "max_num_batched_tokens": 24, "max_num_seqs": 3},
 ], ids=["default", "preempting", "admitting"])
-def test_async_matches_sync(make_llm, prompts, engine_kw):
-    sync = make_llm(async_scheduling=False, **engine_kw)
-    expected = _summary(sync.generate(prompts, _mixed_params()))
-    _assert_no_leak(sync)
+def test_async_matches_sync(make_llm, prompts, sync_mixed, engine_kw):
+    expected = sync_mixed(**engine_kw)
     llm = make_llm(async_scheduling=True, **engine_kw)
     launches = _spy_launches(llm)
     got = _summary(llm.generate(prompts, _mixed_params()))
@@ -172,13 +187,14 @@ def _twin_replays(graphs) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("copies_in_graph", [False, True])
-def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prompts, copies_in_graph):
+def test_decode_graphs_gather_their_inputs_and_take_greedy_tokens(make_llm, prompts, sync_mixed,
+                                                                  copies_in_graph):
     """The decode graphs' forward, run uncaptured on the CPU (the one the GPU captures): its input tokens
     gathered on the device from wherever the step before left them, its greedy tokens taken inside it (and, with
     the copies in the graph, read back by it into the staging set of its turn). The outputs equal the synchronous
     engine's without graphs. With 4 rows a graph, the steps of more decodes run eagerly, and the graph step after
     one takes its inputs from that step's larger token tensor."""
-    expected = _summary(make_llm(async_scheduling=False).generate(prompts, _mixed_params()))
+    expected = sync_mixed()
     llm = make_llm(async_scheduling=True)
     graphs = llm.engine.runner.graphs = _uncaptured_graphs(llm.engine, max_batch=4,
                                                             copies_up_to=2 if copies_in_graph else 0)
@@ -363,8 +379,9 @@ def test_steps_of_prompt_chunks_only_are_queued(make_llm, prompts, smol_llm):
 
 def test_prompt_logprobs_request_keeps_its_steps_synchronous(make_llm, prompts):
     """Steps that compute prompt logprobs run synchronously; the others around them are still queued ahead."""
-    params = _mixed_params()
-    params[7] = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=2, ignore_eos=True)
+    # The last four prompts, the long one scored: its chunks share steps with the others' decodes.
+    prompts, params = prompts[4:], _mixed_params()[4:]
+    params[3] = SamplingParams(temperature=0, max_tokens=6, prompt_logprobs=2, ignore_eos=True)
     kw = {"block_size": 4, "max_num_batched_tokens": 24, "max_num_seqs": 4}
     sync_out = make_llm(async_scheduling=False, **kw).generate(prompts, params)
     llm = make_llm(async_scheduling=True, **kw)
@@ -379,8 +396,8 @@ def test_prompt_logprobs_request_keeps_its_steps_synchronous(make_llm, prompts):
     eng.runner.launch = checked  # type: ignore[method-assign]
     out = llm.generate(prompts, params)
     assert _summary(out) == _summary(sync_out)
-    got, want = out[7].prompt_logprobs, sync_out[7].prompt_logprobs
-    assert got is not None and want is not None and len(got) == len(want) == len(out[7].prompt_token_ids)
+    got, want = out[3].prompt_logprobs, sync_out[3].prompt_logprobs
+    assert got is not None and want is not None and len(got) == len(want) == len(out[3].prompt_token_ids)
     for g, w in zip(got[1:], want[1:], strict=True):
         assert g is not None and w is not None and list(g) == list(w)
         assert all(g[t].rank == w[t].rank and g[t].logprob == pytest.approx(w[t].logprob, abs=1e-4) for t in g)

@@ -128,22 +128,6 @@ def test_a_step_that_fails_to_sample_leaves_the_ranks_in_step(tiny_dir: Path, mo
     assert [finished["r0"], finished["r1"]] == expected
 
 
-def test_embedded_model_on_three_ranks_loads_its_fused_gguf_cache() -> None:
-    """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks. Its weights come from the GGUF (or the fused fp32 copy
-    ember keeps of it), whose q/k/v and gate/up are cut per rank from one tensor."""
-    prompts = [[1, 9906, 28, 1425, 314, 253, 1345, 30], list(range(100, 140))]
-    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    results = []
-    for tp in (1, 3):
-        llm = LLM(tensor_parallel_size=tp, max_model_len=256, kv_cache_memory_bytes=8 << 20, device="cpu")
-        try:
-            results.append([o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts,
-                                                                          sampling_params=sp)])
-        finally:
-            llm.engine.close()
-    assert results[0] == results[1]
-
-
 def test_fp8_matmuls_on_three_ranks_each_quantizing_its_own_shards() -> None:
     """Each rank converts its slices of the projections (its own per-tensor scales); the partial sums of o_proj
     and down are scaled before the all-reduce, so the model still answers."""

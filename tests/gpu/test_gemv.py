@@ -78,7 +78,8 @@ def test_gemv_norm_and_residual_match_linear_ref(dtype: torch.dtype, n: int, k: 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim,k", [(32, 8, 128, 4096), (9, 3, 64, 576), (4, 4, 32, 100)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,k", [(32, 8, 128, 4096), (9, 3, 64, 576), (6, 2, 64, 128),
+                                                     (4, 4, 32, 100)])
 @pytest.mark.parametrize("norm,bias,slot", [(False, False, 21), (True, True, 5), (True, False, -1)])
 def test_gemv_rotary_store_kv_matches_the_unfused_path(dtype: torch.dtype, heads: int, kv_heads: int,
                                                        head_dim: int, k: int, norm: bool, bias: bool,
@@ -91,7 +92,7 @@ def test_gemv_rotary_store_kv_matches_the_unfused_path(dtype: torch.dtype, heads
     from ember.model.layers import RotaryEmbedding, rotary_ref
 
     n = (heads + 2 * kv_heads) * head_dim
-    if DEVICE == "cpu" and n * k > 1 << 20:
+    if DEVICE == "cpu" and n * k > 1 << 19:  # SmolLM2's shape took 10 s; grouped heads run on (6, 2, 64) there
         pytest.skip("large shapes run compiled on a GPU; the interpreter is slow")
     if DEVICE == "cpu" and heads != kv_heads and not (norm and bias):
         pytest.skip("in the interpreter the grouped-heads shape with norm and bias; each option on the small shape")

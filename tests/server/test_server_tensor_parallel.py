@@ -1,5 +1,8 @@
 """`ember serve --tensor-parallel-size 3` (the embedded SmolLM2 over three CPU processes) answers through the
-openai SDK exactly as the one-process server does, and a SIGTERM stops it and its workers cleanly."""
+openai SDK exactly as the one-process server does, and a SIGTERM stops it and its workers cleanly.
+
+SmolLM2-135M has 9 heads and 3 KV heads, so 3 ranks; its weights come from the fused copy ember keeps of the
+GGUF (written by the session's one-process server), whose q/k/v and gate/up are cut per rank from one tensor."""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ from ember.config import EMBEDDED_MODEL
 def test_three_ranks_serve_what_one_serves(client: openai.OpenAI, free_port: int) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     one = client.chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=16, temperature=0)
+    # A prompt of 40 token ids, greedy and without EOS: 16 tokens to compare one for one.
+    ids = list(range(100, 140))
+    one_ids = client.completions.create(model=EMBEDDED_MODEL, prompt=ids, max_tokens=16, temperature=0,
+                                        logprobs=0, extra_body={"ignore_eos": True})
     port = free_port
     proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", "--port", str(port), "--device", "cpu",
                              "--tensor-parallel-size", "3", "--max-model-len", "512", "--kv-cache-memory-bytes",
@@ -34,6 +41,10 @@ def test_three_ranks_serve_what_one_serves(client: openai.OpenAI, free_port: int
         tp = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0, timeout=120)
         three = tp.chat.completions.create(model=EMBEDDED_MODEL, messages=messages, max_tokens=16, temperature=0)
         assert three.choices[0].message.content == one.choices[0].message.content
+        three_ids = tp.completions.create(model=EMBEDDED_MODEL, prompt=ids, max_tokens=16, temperature=0,
+                                          logprobs=0, extra_body={"ignore_eos": True})
+        assert three_ids.choices[0].logprobs.tokens == one_ids.choices[0].logprobs.tokens
+        assert len(one_ids.choices[0].logprobs.tokens) == 16
         stream = tp.completions.create(model=EMBEDDED_MODEL, prompt="The capital of France is", max_tokens=8,
                                        temperature=0, stream=True)
         assert "".join(c.choices[0].text for c in stream if c.choices)
