@@ -107,6 +107,16 @@ class TensorParallel:
         return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
 
 
+def cpu_threads_per_rank(size: int) -> int | None:
+    """Intra-op threads for one of `size` ranks sharing this machine's CPUs: its share of the cores. Each rank's
+    pool would otherwise take every core, and the pools would spin against each other at every all-reduce (three
+    ranks on two cores: twice as slow a step). None where OMP_NUM_THREADS already says."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // size)
+
+
 def connect(rank: int, size: int, port: int, device: torch.device, store: Any = None,
             model_timeout_s: float | None = None) -> TensorParallel:
     """Join the group of `size` processes that meet at 127.0.0.1:`port`, whose rendezvous rank 0 serves (`store`:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ember.config import EngineConfig
-from ember.distributed.parallel import MODEL_TIMEOUT_S, TensorParallel, connect, rendezvous
+from ember.distributed.parallel import MODEL_TIMEOUT_S, TensorParallel, connect, cpu_threads_per_rank, rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class WorkerGroup:
         self.store = rendezvous(self.size)
         self.port = self.store.port
         self.tp: TensorParallel | None = None
+        self.threads_before: int | None = None  # the driver's own thread count, given back by `stop`
         self.running = False  # in their step loop: a stop message reaches them
         self.stopped = False
         self.closed = False  # the model group torn down too (`_shut_down_tensor_parallel`)
@@ -67,6 +68,10 @@ class WorkerGroup:
         """Join the workers' group as rank 0, once each has started (a worker that dies on its way, e.g. a script
         without `if __name__ == "__main__":` that spawn re-runs, is reported instead of awaited)."""
         self._wait_for("started", "while starting", timeout_s)
+        threads = cpu_threads_per_rank(self.size) if self.device.type == "cpu" else None
+        if threads is not None:
+            self.threads_before = torch.get_num_threads()
+            torch.set_num_threads(threads)
         self.tp = connect(0, self.size, self.port, self.device, store=self.store)
         return self.tp
 
@@ -148,6 +153,9 @@ class WorkerGroup:
         for conn in self.conns:
             conn.close()
         self.procs, self.conns = [], []
+        if self.threads_before is not None:
+            torch.set_num_threads(self.threads_before)
+            self.threads_before = None
 
 
 def drained(stream: torch.cuda.Stream, timeout_s: float, poll_s: float) -> bool:
@@ -190,6 +198,8 @@ def worker_main(config: EngineConfig, rank: int, size: int, port: int, conn: Con
         device = _device(config, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        elif (threads := cpu_threads_per_rank(size)) is not None:
+            torch.set_num_threads(threads)
         conn.send(("started", None))
         tp = connect(rank, size, port, device)
         loaded = load_model(config, tp)

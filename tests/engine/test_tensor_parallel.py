@@ -160,13 +160,35 @@ def test_a_shared_loaded_model_cannot_be_tensor_parallel(tiny_dir: Path) -> None
         LLMEngine(EngineConfig(model=str(tiny_dir), tensor_parallel_size=2), base.loaded)
 
 
-def test_close_stops_the_workers_and_is_idempotent(tiny_dir: Path) -> None:
-    with LLM(str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20) as llm:
-        assert llm.engine.workers is not None
-        procs = list(llm.engine.workers.procs)
-        assert all(p.is_alive() for p in procs)
-    assert all(not p.is_alive() and p.exitcode == 0 for p in procs)  # exited on the stop message
-    llm.close()  # again: nothing left to stop
+def test_cpu_ranks_share_the_cores() -> None:
+    from ember.distributed.parallel import cpu_threads_per_rank
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+        mp.delenv("OMP_NUM_THREADS", raising=False)
+        assert [cpu_threads_per_rank(n) for n in (1, 2, 3, 32)] == [16, 8, 5, 1]
+        mp.setenv("OMP_NUM_THREADS", "4")  # the user's choice stands
+        assert cpu_threads_per_rank(3) is None
+
+
+def test_close_stops_the_workers_and_is_idempotent(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """...and gives the driver's process back the intra-op threads it had before its rank took its share."""
+    from ember.distributed.parallel import cpu_threads_per_rank
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # more than a rank's share on any machine with fewer than 6 cores
+    try:
+        with LLM(str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20) as llm:
+            assert llm.engine.workers is not None
+            assert torch.get_num_threads() == cpu_threads_per_rank(2)
+            procs = list(llm.engine.workers.procs)
+            assert all(p.is_alive() for p in procs)
+        assert all(not p.is_alive() and p.exitcode == 0 for p in procs)  # exited on the stop message
+        assert torch.get_num_threads() == 3
+        llm.close()  # again: nothing left to stop
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_dead_worker_fails_the_next_step_at_once(tiny_dir: Path) -> None:
