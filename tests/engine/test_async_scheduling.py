@@ -481,7 +481,7 @@ def test_pending_token_inside_a_recompute_chunk(make_llm, prefix_caching):
     back, recomputes a chunk whose LAST input is that token: it is taken from the device at that row of the
     flat batch (after the other rows' decodes), not from the host."""
     prompts = _prompts_of_lengths([9, 10, 11, 13])
-    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm = make_llm(async_scheduling=True, block_size=4, max_num_batched_tokens=64, max_num_seqs=4,
                    enable_prefix_caching=prefix_caching)
     eng = llm.engine
