@@ -24,5 +24,32 @@ def _patch_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def _list_builtins_once() -> None:
+    """Find each module's Triton builtins once, not at every call of a `@triton.jit` helper.
+
+    The interpreter re-patches `triton.language` at each such call, in every program of the grid, listing five
+    modules and classes with `inspect.getmembers`: a third of the attention tests' time. A name that is not a
+    builtin when first listed never becomes one (patching replaces builtins, and restoring puts them back), so
+    the names found then are all a later call needs to look at; it patches exactly what the original would.
+    """
+    import inspect
+
+    from triton.language import core
+    from triton.runtime import interpreter
+
+    names: dict[int, list[str]] = {}
+
+    def patch_builtin(pkg, builder, scope) -> None:
+        if id(pkg) not in names:
+            names[id(pkg)] = [name for name, member in inspect.getmembers(pkg) if core.is_builtin(member)]
+        for name in names[id(pkg)]:
+            member = getattr(pkg, name)
+            if core.is_builtin(member):
+                interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = patch_builtin
+
+
 if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
     _patch_interpreter_index()
+    _list_builtins_once()
