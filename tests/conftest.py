@@ -42,13 +42,20 @@ def smol_llm():
 @pytest.fixture(scope="session")
 def hf_smol():
     """HF transformers' own reading of the same GGUF: the reference implementation."""
+    import functools
+
+    import gguf
     import torch
     from transformers import AutoModelForCausalLM
 
     from ember.model.loader import embedded_gguf_path
 
     path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers builds gguf's tensor-name map anew for every submodule it maps (~400 times, 8 s here); the map
+    # depends only on the architecture and the layer count, so one per pair gives the same names.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval()
 
 
