@@ -56,10 +56,10 @@ def prompts(smol_llm):
 def sync_mixed(make_llm, prompts):
     """The synchronous engine's summary of `prompts` under `_mixed_params()` for the given engine options: the
     reference several tests compare with, computed once per set of options."""
-    cache: dict[str, list] = {}
+    cache: dict[tuple, list] = {}
 
     def get(**kw):
-        key = repr(sorted(kw.items()))
+        key = tuple(sorted(kw.items()))
         if key not in cache:
             sync = make_llm(async_scheduling=False, **kw)
             cache[key] = _summary(sync.generate(prompts, _mixed_params()))

@@ -177,7 +177,8 @@ def test_close_stops_the_workers_and_is_idempotent(tiny_dir: Path, monkeypatch: 
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
-    torch.set_num_threads(3)  # more than a rank's share on any machine with fewer than 6 cores
+    own = cpu_threads_per_rank(2) + 1  # not a rank's share, on any machine
+    torch.set_num_threads(own)
     try:
         with LLM(str(tiny_dir), tensor_parallel_size=2, kv_cache_memory_bytes=1 << 20) as llm:
             assert llm.engine.workers is not None
@@ -185,7 +186,7 @@ def test_close_stops_the_workers_and_is_idempotent(tiny_dir: Path, monkeypatch: 
             procs = list(llm.engine.workers.procs)
             assert all(p.is_alive() for p in procs)
         assert all(not p.is_alive() and p.exitcode == 0 for p in procs)  # exited on the stop message
-        assert torch.get_num_threads() == 3
+        assert torch.get_num_threads() == own
         llm.close()  # again: nothing left to stop
     finally:
         torch.set_num_threads(before)
